@@ -1,0 +1,57 @@
+# make test   - set up .venv from nothing, build vitops, run the test suite (what CI runs)
+# make bench  - set up the same way, run the benchmark suite on the best device present
+# make gpu-check - on a GPU machine with torch already installed: build, test and benchmark on the GPU
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export CUDA_HOME
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+.PHONY: test bench gpu-check cpp-test info clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy ninja pybind11 pytest timm
+	touch $@
+
+# The extension: rebuilt when a source changes.
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+info: $(VENV)/.built
+	$(PY) -m vitops info
+
+test: $(VENV)/.built
+	$(PY) -m vitops info
+	$(PY) -m pytest tests -q -ra
+	$(MAKE) cpp-test PY=$(PY)
+
+# The C++ library for libtorch users, and a ctest program that calls an op through the dispatcher.
+cpp-test:
+	cmake -S . -B build-cmake -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build-cmake
+	ctest --test-dir build-cmake --output-on-failure
+
+bench: $(VENV)/.built
+	$(PY) -m benchmarks
+
+# On the lent GPU machine: its python3 already has torch, triton, timm and ninja, and it can't reach PyPI.
+GPU_OUT := $(if $(OUT),$(OUT),benchmarks/results)
+gpu-check:
+	python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 20
+	python3 -m vitops info | tee $(GPU_OUT)/gpu-check-info.txt
+	python3 -m pytest tests -q -ra 2>&1 | tee $(GPU_OUT)/gpu-check-tests.txt
+	python3 -m benchmarks --out $(GPU_OUT)
+
+clean:
+	rm -rf build build-cmake *.egg-info vitops/_C*.so

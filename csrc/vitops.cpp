@@ -1,0 +1,25 @@
+// The schema of every vitops op, declared once. Kernels register themselves per dispatch key from
+// csrc/cpu/ and csrc/cuda/; fake kernels and autograd are registered in Python beside each public function.
+#include <torch/library.h>
+
+TORCH_LIBRARY(vitops, m) {
+  // out = residual + branch * gamma * sample_scale[sample]. A sample whose scale is 0 is dropped: its output
+  // is exactly its residual (zeros without one) and its branch is never read.
+  m.def(
+      "drop_path_add(Tensor? residual, Tensor branch, Tensor? gamma, Tensor? sample_scale) -> Tensor");
+  // Returns (grad_branch, grad_gamma); an output that is not asked for is an empty tensor. `branch` is only
+  // needed, and only passed, for grad_gamma.
+  m.def(
+      "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
+      "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)");
+}
+
+#ifdef TORCH_EXTENSION_NAME
+#include <Python.h>
+// `import vitops._C` only has to load this library so that the static registrations run. There are no Python
+// bindings: every op is reached through torch.ops.vitops, which torch.compile can trace.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+#endif

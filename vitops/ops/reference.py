@@ -1,0 +1,83 @@
+"""Plain PyTorch definitions of every vitops op: the specification that all backends are tested against, and
+the backend of last resort ("torch")."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype vitops kernels compute in: float64 for float64 tensors, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- drop path ----------------------------------------------------------------------------------------------
+
+
+def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False, scale_by_keep: bool = True) -> Tensor:
+    """Stochastic depth with timm's semantics: each sample (dim 0) is kept with probability 1 - drop_prob, and
+    scaled by 1 / (1 - drop_prob) when kept if `scale_by_keep`. Identity when drop_prob == 0 or not training."""
+    if drop_prob == 0.0 or not training:
+        return x
+    scale = sample_scale(x.shape[0], drop_prob, scale_by_keep, dtype=x.dtype, device=x.device)
+    return x * scale.view((-1,) + (1,) * (x.ndim - 1))
+
+
+def sample_scale(
+    batch: int, drop_prob: float, scale_by_keep: bool, *, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The per-sample factor of drop path: 0 for a dropped sample, 1 or 1/keep_prob for a kept one. It is drawn
+    exactly as timm draws it (bernoulli_ in the branch's dtype, then div_), so a seed gives the same mask."""
+    keep_prob = 1.0 - drop_prob
+    scale = torch.empty(batch, dtype=dtype, device=device).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        scale.div_(keep_prob)
+    return scale
+
+
+def drop_path_add(
+    residual: Tensor | None, branch: Tensor, gamma: Tensor | None = None, sample_scale: Tensor | None = None
+) -> Tensor:
+    """`residual + branch * gamma * sample_scale[sample]`, computed in the accumulate dtype and rounded once to
+    the residual's dtype (the branch's without a residual). A sample whose scale is 0 is dropped: its output is
+    exactly its residual (zeros without one), whatever its branch holds, even inf or nan. `gamma` broadcasts
+    against the trailing dims of branch: (C,) scales the last dim, (C, 1, 1) dim 1 of an NCHW tensor. The
+    products are taken in timm's order, so float32 results equal `residual + drop_path(branch * gamma)`."""
+    out_dtype = residual.dtype if residual is not None else branch.dtype
+    acc = accumulate_dtype(out_dtype)
+    out = branch.to(acc)
+    if gamma is not None:
+        out = out * gamma.to(acc)
+    if sample_scale is not None:
+        per_sample = sample_scale.to(acc).view((-1,) + (1,) * (branch.ndim - 1))
+        out = torch.where(per_sample == 0, torch.zeros((), dtype=acc, device=out.device), out * per_sample)
+    if residual is not None:
+        out = residual.to(acc) + out
+    return out.to(out_dtype)
+
+
+def drop_path_add_backward(
+    grad_out: Tensor,
+    branch: Tensor | None,
+    gamma: Tensor | None,
+    sample_scale: Tensor | None,
+    branch_dtype: torch.dtype,
+    need_branch_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of drop_path_add for branch and gamma: (grad_branch, grad_gamma), where a gradient that is not
+    asked for is an empty tensor. `branch` is given exactly when gamma's gradient is wanted."""
+    acc = accumulate_dtype(grad_out.dtype)
+    grad = grad_out.to(acc)
+    if sample_scale is not None:
+        per_sample = sample_scale.to(acc).view((-1,) + (1,) * (grad.ndim - 1))
+        grad = torch.where(per_sample == 0, torch.zeros((), dtype=acc, device=grad.device), grad * per_sample)
+    grad_branch = grad_out.new_empty(0, dtype=branch_dtype)
+    if need_branch_grad:
+        grad_branch = (grad if gamma is None else grad * gamma.to(acc)).to(branch_dtype)
+    grad_gamma = grad_out.new_empty(0, dtype=acc)
+    if branch is not None:
+        assert gamma is not None
+        per_channel = grad * branch.to(acc)
+        dims = [d for d in range(grad.ndim) if d != grad.ndim - gamma.ndim]
+        grad_gamma = per_channel.sum(dims).view(gamma.shape)
+    return grad_branch, grad_gamma
