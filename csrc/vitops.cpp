@@ -12,6 +12,18 @@ TORCH_LIBRARY(vitops, m) {
   m.def(
       "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
       "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)");
+  // Fused optimizer steps (vitops.optim), updating params and moment buffers in place. See vitops/optim/.
+  // LAMB with timm's math; clip_coef = max(1, ||all grads|| / max_grad_norm) divides every grad.
+  m.def(
+      "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor? clip_coef, float lr, float beta1, float beta2, float beta3, float bias_correction1, "
+      "float bias_correction2, float eps, float weight_decay, float decay_scale, bool decoupled_decay, "
+      "bool adapt, bool trust_clip) -> ()");
+  // AdamP with timm's math; the bias corrections are per param (AdamP counts steps per param).
+  m.def(
+      "adamp_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "float[] bias_correction1, float[] bias_correction2, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, float delta, float wd_ratio, bool nesterov) -> ()");
 }
 
 #ifdef TORCH_EXTENSION_NAME

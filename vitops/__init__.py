@@ -1,8 +1,9 @@
 """vitops: fused ops, optimizers and timm-compatible layers for vision transformers and CNNs."""
 from vitops import ops, layers  # noqa: F401  (importing ops registers every custom op)
+from vitops import optim, utils  # noqa: F401  (importing optim registers the optimizer-step ops)
 from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend_info", "layers", "ops", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "backend_info", "layers", "ops", "optim", "use_backend", "utils", "__version__"]

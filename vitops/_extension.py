@@ -15,6 +15,17 @@ SCHEMAS = {
         "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
         "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)"
     ),
+    "lamb_step": (
+        "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor? clip_coef, float lr, float beta1, float beta2, float beta3, float bias_correction1, "
+        "float bias_correction2, float eps, float weight_decay, float decay_scale, bool decoupled_decay, "
+        "bool adapt, bool trust_clip) -> ()"
+    ),
+    "adamp_step": (
+        "adamp_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "float[] bias_correction1, float[] bias_correction2, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, float delta, float wd_ratio, bool nesterov) -> ()"
+    ),
 }
 
 try:

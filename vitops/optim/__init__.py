@@ -1,0 +1,8 @@
+"""Fused optimizers with timm's numerics: Lamb, AdamP, Lookahead and create_optimizer."""
+from vitops.optim import _kernels  # noqa: F401  (registers the optimizer-step ops)
+from vitops.optim.adamp import AdamP
+from vitops.optim.factory import create_optimizer, param_groups_weight_decay
+from vitops.optim.lamb import Lamb
+from vitops.optim.lookahead import Lookahead
+
+__all__ = ["AdamP", "Lamb", "Lookahead", "create_optimizer", "param_groups_weight_decay"]

@@ -1,0 +1,4 @@
+"""Training utilities."""
+from vitops.utils.model_ema import ModelEma
+
+__all__ = ["ModelEma"]
