@@ -5,6 +5,7 @@
 // Params of one dim or fewer are never projected: they are finished in pass 1.
 #include "../optim.h"
 #include "multi_tensor.h"
+#include "optim_simd.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -15,12 +16,7 @@ namespace vitops {
 namespace cpu {
 namespace {
 
-struct AdamPConsts {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  float sqrt_bc2;  // per tensor
-  float neg_step;  // -lr / bc1, per tensor
-  float factor;    // 1 - lr * wd * wd_ratio (or 1), per tensor
-};
+using AdamPConsts = simd::AdamPArgs;
 
 template <bool NESTEROV>
 inline __attribute__((always_inline)) float adamp_direction(const AdamPConsts& k, float m, float v, float g) {
@@ -90,29 +86,20 @@ inline __attribute__((always_inline)) void adamp_segment_body(
   }
 }
 
-template <typename T, bool NESTEROV, int STAGE>
-void adamp_segment_base(const AdamPConsts& k, T* p, const T* g, float* m, float* v, int64_t n, float c, double* s) {
-  adamp_segment_body<T, NESTEROV, STAGE>(k, p, g, m, v, n, c, s);
+template <typename T>
+constexpr int simd_dtype() {
+  return std::is_same_v<T, float> ? simd::kF32 : std::is_same_v<T, c10::Half> ? simd::kF16 : simd::kBF16;
 }
 
-#if VITOPS_HAVE_AVX2_CLONE
-template <typename T, bool NESTEROV, int STAGE>
-VITOPS_TARGET_AVX2 void adamp_segment_avx2(
-    const AdamPConsts& k, T* p, const T* g, float* m, float* v, int64_t n, float c, double* s) {
-  adamp_segment_body<T, NESTEROV, STAGE>(k, p, g, m, v, n, c, s);
-}
-#endif
-
+// The AVX2 kernels where the CPU has them, else the scalar ones (same operations, same order).
 template <typename T, bool NESTEROV, int STAGE>
 void adamp_segment(const AdamPConsts& k, T* p, const T* g, float* m, float* v, int64_t n, float c, double* s) {
-#if VITOPS_HAVE_AVX2_CLONE
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) {
-    adamp_segment_avx2<T, NESTEROV, STAGE>(k, p, g, m, v, n, c, s);
-    return;
+  static const bool avx2 = simd::has_avx2();
+  if (avx2) {
+    simd::adamp_segment_avx2(k, simd_dtype<T>(), NESTEROV, STAGE, p, g, m, v, n, c, s);
+  } else {
+    adamp_segment_body<T, NESTEROV, STAGE>(k, p, g, m, v, n, c, s);
   }
-#endif
-  adamp_segment_base<T, NESTEROV, STAGE>(k, p, g, m, v, n, c, s);
 }
 
 template <int STAGE>

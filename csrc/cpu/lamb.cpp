@@ -8,6 +8,7 @@
 //   u = u + wd * p' [coupled];  p = p' + (-lr) * (u * ratio)
 #include "../optim.h"
 #include "multi_tensor.h"
+#include "optim_simd.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -18,16 +19,10 @@ namespace vitops {
 namespace cpu {
 namespace {
 
-enum MomentMode { kLerpLow = 0, kLerpHigh = 1, kMulAdd = 2 };
-
-struct LambConsts {
-  float clip;
-  float beta1, beta2, beta3, one_minus_beta3, one_minus_beta2;
-  float bc1, sqrt_bc2, eps;
-  float neg_decay;    // -decay_scale * wd when decoupled, else 0
-  float coupled_wd;   // wd when not decoupled, else 0
-  float neg_lr;
-};
+using simd::kLerpHigh;
+using simd::kLerpLow;
+using simd::kMulAdd;
+using LambConsts = simd::LambArgs;
 
 template <int MODE>
 inline __attribute__((always_inline)) float moment1(const LambConsts& k, float m, float g) {
@@ -99,37 +94,20 @@ inline __attribute__((always_inline)) void lamb_segment_body(
   }
 }
 
-template <typename T, int MODE, int STAGE>
-void lamb_segment_base(const LambConsts& k, T* p, const T* g, float* m, float* v, int64_t n, float r, double* s) {
-  lamb_segment_body<T, MODE, STAGE>(k, p, g, m, v, n, r, s);
+template <typename T>
+constexpr int simd_dtype() {
+  return std::is_same_v<T, float> ? simd::kF32 : std::is_same_v<T, c10::Half> ? simd::kF16 : simd::kBF16;
 }
 
-#if VITOPS_HAVE_AVX2_CLONE
-template <typename T, int MODE, int STAGE>
-VITOPS_TARGET_AVX2 void lamb_segment_avx2(
-    const LambConsts& k, T* p, const T* g, float* m, float* v, int64_t n, float r, double* s) {
-  lamb_segment_body<T, MODE, STAGE>(k, p, g, m, v, n, r, s);
-}
-#endif
-
-inline bool cpu_has_avx2() {
-#if VITOPS_HAVE_AVX2_CLONE
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-#else
-  return false;
-#endif
-}
-
+// The AVX2 kernels where the CPU has them, else the scalar ones (same operations, same order).
 template <typename T, int MODE, int STAGE>
 void lamb_segment(const LambConsts& k, T* p, const T* g, float* m, float* v, int64_t n, float r, double* s) {
-#if VITOPS_HAVE_AVX2_CLONE
-  if (cpu_has_avx2()) {
-    lamb_segment_avx2<T, MODE, STAGE>(k, p, g, m, v, n, r, s);
-    return;
+  static const bool avx2 = simd::has_avx2();
+  if (avx2) {
+    simd::lamb_segment_avx2(k, simd_dtype<T>(), MODE, STAGE, p, g, m, v, n, r, s);
+  } else {
+    lamb_segment_body<T, MODE, STAGE>(k, p, g, m, v, n, r, s);
   }
-#endif
-  lamb_segment_base<T, MODE, STAGE>(k, p, g, m, v, n, r, s);
 }
 
 template <int STAGE>

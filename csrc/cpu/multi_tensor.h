@@ -14,19 +14,6 @@
 #include <cstdint>
 #include <vector>
 
-// The hot loops are written as fixed-width lane loops that GCC vectorizes. sqrt must not set errno to be
-// vectorized, and on x86-64 the loops are compiled twice, for AVX2 and for the baseline, picked at run time.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-math-errno")
-#endif
-#if defined(__GNUC__) && defined(__x86_64__)
-#define VITOPS_HAVE_AVX2_CLONE 1
-#define VITOPS_TARGET_AVX2 __attribute__((target("avx2")))
-#else
-#define VITOPS_HAVE_AVX2_CLONE 0
-#define VITOPS_TARGET_AVX2
-#endif
-
 namespace vitops {
 namespace cpu {
 
