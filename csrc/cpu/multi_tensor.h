@@ -36,7 +36,8 @@ struct ChunkPlan {
 };
 
 // rows[t] rows per tensor, numel[t] elements.
-inline ChunkPlan make_chunk_plan(const std::vector<int64_t>& numel, const std::vector<int64_t>& rows) {
+inline ChunkPlan make_chunk_plan(
+    const std::vector<int64_t>& numel, const std::vector<int64_t>& rows, int64_t chunk_size = kChunk) {
   ChunkPlan plan;
   const size_t n = numel.size();
   plan.row_len.resize(n);
@@ -50,8 +51,8 @@ inline ChunkPlan make_chunk_plan(const std::vector<int64_t>& numel, const std::v
       plan.total_rows += R;
       continue;
     }
-    if (L <= kChunk) {
-      const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / L);
+    if (L <= chunk_size) {
+      const int64_t rows_per_chunk = std::max<int64_t>(1, chunk_size / L);
       for (int64_t r0 = 0; r0 < R; r0 += rows_per_chunk) {
         const int64_t r1 = std::min(R, r0 + rows_per_chunk);
         plan.chunks.push_back({int32_t(t), r0 * L, r1 * L, int64_t(plan.slot_row.size())});
@@ -61,8 +62,9 @@ inline ChunkPlan make_chunk_plan(const std::vector<int64_t>& numel, const std::v
       }
     } else {
       for (int64_t r = 0; r < R; ++r) {
-        for (int64_t b = 0; b < L; b += kChunk) {
-          plan.chunks.push_back({int32_t(t), r * L + b, r * L + std::min(L, b + kChunk), int64_t(plan.slot_row.size())});
+        for (int64_t b = 0; b < L; b += chunk_size) {
+          plan.chunks.push_back(
+              {int32_t(t), r * L + b, r * L + std::min(L, b + chunk_size), int64_t(plan.slot_row.size())});
           plan.slot_row.push_back(plan.total_rows + r);
         }
       }
