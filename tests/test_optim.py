@@ -1,0 +1,582 @@
+"""vitops.optim and vitops.utils.ModelEma: timm parity on every backend, optimizer behaviour, the op contracts."""
+import copy
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import vitops
+from vitops import _backend
+from vitops.optim import AdamP, Lamb, Lookahead, create_optimizer, reference
+from vitops.utils import ModelEma
+
+try:
+    import timm.optim as timm_optim
+    from timm.utils.model_ema import ModelEmaV3
+except ImportError:  # the package reference is still checked
+    timm_optim = None
+    ModelEmaV3 = None
+
+requires_timm = pytest.mark.skipif(timm_optim is None, reason="timm is not installed")
+
+
+def cpu_backends(op):
+    """Backends that run CPU tensors here (Triton only under its interpreter)."""
+    params = []
+    for backend in _backend.BACKENDS:
+        reason = _backend.availability()[op]["cpu"][backend]
+        if reason is not None and reason.startswith("runs "):
+            continue
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(backend, id=backend, marks=marks))
+    return params
+
+
+# --- the mixed param set -------------------------------------------------------------------------------------
+
+SHAPES = {
+    "conv": (8, 4, 3, 3),
+    "linear": (16, 12),
+    "bias": (16,),
+    "zero_grad": (6, 5),
+    "all_zero": (7, 3),
+    "no_grad": (5,),
+    "ortho_rows": (6, 10),   # grad orthogonal to p in every row: AdamP's channel-wise projection
+    "ortho_layer": (9, 12),  # grad orthogonal to p as a whole only: AdamP's layer-wise projection
+    "big": (3, 2100),        # more than one CPU chunk per row, odd lengths for the vector tails
+}
+
+
+def make_params(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for name, shape in SHAPES.items():
+        if name == "all_zero":
+            t = torch.zeros(shape)
+        else:
+            t = torch.randn(shape, generator=g)
+        params.append(nn.Parameter(t.to(dtype)))
+    return params
+
+
+def set_grads(params, gen, scale=1.0):
+    """Grads for one step: random, except a zero grad, no grad, and grads orthogonal to their param."""
+    for name, p in zip(SHAPES, params):
+        if name == "no_grad":
+            p.grad = None
+            continue
+        r = torch.randn(p.shape, generator=gen) * scale
+        w = p.detach().float()
+        if name == "zero_grad":
+            r.zero_()
+        elif name == "ortho_rows":
+            w2 = w.reshape(w.shape[0], -1)
+            r2 = r.reshape(w.shape[0], -1)
+            r = (r2 - w2 * ((r2 * w2).sum(1, keepdim=True) / (w2 * w2).sum(1, keepdim=True))).reshape(p.shape)
+        elif name == "ortho_layer":
+            r = r - w * ((r * w).sum() / (w * w).sum())
+        p.grad = r.to(p.dtype)
+
+
+def run_steps(opt_factory, steps=50, backend=None, seed=0, dtype=torch.float32, grad_scale=1.0):
+    params = make_params(seed, dtype)
+    opt = opt_factory(params)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        set_grads(params, gen, grad_scale)
+        if backend is None:
+            opt.step()
+        else:
+            with vitops.use_backend(backend):
+                opt.step()
+    return params, opt
+
+
+def assert_params_close(got, want, rtol=1e-5, atol=1e-6):
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=rtol, atol=atol, msg=f"param {i}")
+
+
+LAMB_CONFIGS = {
+    "default": dict(lr=1e-2),
+    "clipping": dict(lr=1e-2, max_grad_norm=0.5),
+    "no_clip": dict(lr=1e-2, max_grad_norm=None),
+    "no_grad_averaging": dict(lr=1e-2, grad_averaging=False, betas=(0.8, 0.99)),
+    "lerp_high": dict(lr=1e-2, betas=(0.3, 0.99)),
+    "decoupled": dict(lr=1e-2, weight_decay=0.1, decoupled_decay=True, corrected_weight_decay=True),
+    "trust_clip": dict(lr=1e-2, weight_decay=0.05, trust_clip=True),
+    "always_adapt": dict(lr=1e-2, weight_decay=0.0, always_adapt=True),
+    "no_adapt": dict(lr=1e-2, weight_decay=0.0),
+    "no_bias_correction": dict(lr=1e-3, bias_correction=False),
+    "caution": dict(lr=1e-2, caution=True),
+}
+
+ADAMP_CONFIGS = {
+    "default": dict(lr=1e-2),
+    "weight_decay": dict(lr=1e-2, weight_decay=0.1, wd_ratio=0.2),
+    "nesterov": dict(lr=1e-2, weight_decay=0.05, nesterov=True),
+    "delta": dict(lr=1e-2, weight_decay=0.05, delta=0.3),
+    "caution": dict(lr=1e-2, weight_decay=0.05, caution=True),
+}
+
+
+def _steps_for(backend):
+    return 3 if backend == "triton" else 50  # the Triton interpreter is slow; on a GPU these are fast
+
+
+@pytest.mark.parametrize("backend", cpu_backends("lamb_step"))
+@pytest.mark.parametrize("config", list(LAMB_CONFIGS))
+def test_lamb_matches_timm(config, backend):
+    kwargs = LAMB_CONFIGS[config]
+    steps = _steps_for(backend)
+    got, _ = run_steps(lambda p: Lamb(p, **kwargs), steps, backend)
+    if timm_optim is not None:
+        want, _ = run_steps(lambda p: timm_optim.Lamb(p, foreach=False, **kwargs), steps)
+        assert_params_close(got, want)
+    # The package reference is timm's single-tensor math; the reference backend is it exactly.
+    with vitops.use_backend("torch"):
+        ref, _ = run_steps(lambda p: Lamb(p, **kwargs), steps)
+    assert_params_close(got, ref)
+    assert not torch.equal(got[0], make_params()[0])  # it moved
+    assert torch.equal(got[5], make_params()[5])  # no grad: untouched
+
+
+@pytest.mark.parametrize("backend", cpu_backends("adamp_step"))
+@pytest.mark.parametrize("config", list(ADAMP_CONFIGS))
+def test_adamp_matches_timm(config, backend):
+    kwargs = ADAMP_CONFIGS[config]
+    steps = _steps_for(backend)
+    got, _ = run_steps(lambda p: AdamP(p, **kwargs), steps, backend)
+    if timm_optim is not None:
+        want, _ = run_steps(lambda p: timm_optim.AdamP(p, **kwargs), steps)
+        assert_params_close(got, want)
+    with vitops.use_backend("torch"):
+        ref, _ = run_steps(lambda p: AdamP(p, **kwargs), steps)
+    assert_params_close(got, ref)
+    assert torch.equal(got[5], make_params()[5])
+
+
+def test_adamp_projection_branches_are_exercised():
+    """The orthogonal-grad params take the channel and layer projections; a random one takes neither."""
+    params = make_params()
+    gen = torch.Generator().manual_seed(1)
+    set_grads(params, gen)
+    names = list(SHAPES)
+    eps, delta = 1e-8, 0.1
+
+    def branch(p):
+        g = p.grad
+        for view in (lambda x: x.reshape(x.size(0), -1), lambda x: x.reshape(1, -1)):
+            cos = torch.nn.functional.cosine_similarity(view(g), view(p.detach()), dim=1, eps=eps).abs()
+            if cos.max() < delta / math.sqrt(view(p).size(1)):
+                return "channel" if view(p).size(0) == p.size(0) and p.size(0) > 1 else "layer"
+        return "none"
+
+    assert branch(params[names.index("ortho_rows")]) == "channel"
+    assert branch(params[names.index("ortho_layer")]) == "layer"
+    assert branch(params[names.index("linear")]) == "none"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls,kwargs", [(Lamb, dict(lr=1e-2)), (AdamP, dict(lr=1e-2, weight_decay=0.1))])
+def test_low_precision_params_kernel_vs_reference(cls, kwargs, dtype):
+    """float16/bfloat16 params keep float32 moments; the compiled kernel agrees with the reference to the
+    param's resolution."""
+    if _backend.availability()["lamb_step"]["cpu"]["cpu"] is not None:
+        pytest.skip("no compiled CPU kernels")
+    got, opt = run_steps(lambda p: cls(p, **kwargs), 10, "cpu", dtype=dtype)
+    ref, _ = run_steps(lambda p: cls(p, **kwargs), 10, "torch", dtype=dtype)
+    for p in got:
+        assert p.dtype == dtype
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    assert_params_close(got, ref, rtol=1e-2, atol=1e-2)
+
+
+def test_float64_params_take_the_reference_path():
+    got, opt = run_steps(lambda p: Lamb(p, lr=1e-2), 5, dtype=torch.float64)
+    ref, _ = run_steps(lambda p: Lamb(p, lr=1e-2), 5, "torch", dtype=torch.float64)
+    assert_params_close(got, ref, rtol=0, atol=0)
+    assert got[0].dtype == torch.float64
+
+
+def test_param_groups_with_own_hyperparameters():
+    params = make_params()
+    groups = [
+        {"params": params[:3], "lr": 1e-2, "weight_decay": 0.1},
+        {"params": params[3:6], "lr": 3e-3, "weight_decay": 0.0, "trust_clip": True},
+        {"params": params[6:], "betas": (0.8, 0.9)},
+    ]
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    ref_groups = [dict(g, params=ref_params[i:j]) for g, (i, j) in zip(groups, [(0, 3), (3, 6), (6, 9)])]
+    opt = Lamb(groups, lr=5e-3)
+    gen, gen2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    if timm_optim is not None:
+        ref = timm_optim.Lamb(ref_groups, lr=5e-3, foreach=False)
+    else:
+        ref = Lamb(ref_groups, lr=5e-3)
+    for _ in range(10):
+        set_grads(params, gen)
+        set_grads(ref_params, gen2)
+        opt.step()
+        if timm_optim is None:
+            with vitops.use_backend("torch"):
+                ref.step()
+        else:
+            ref.step()
+    assert_params_close(params, ref_params)
+    assert [float(g["step"]) for g in opt.param_groups] == [10.0, 10.0, 10.0]
+
+
+def test_lamb_group_step_counts_groups_without_grads():
+    a, b = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4))
+    opt = Lamb([{"params": [a]}, {"params": [b]}])
+    a.grad = torch.randn(3, 3)
+    opt.step()
+    opt.step()
+    assert torch.is_tensor(opt.param_groups[1]["step"]) and opt.param_groups[1]["step"].device.type == "cpu"
+    assert float(opt.param_groups[1]["step"]) == 2.0 and len(opt.state[b]) == 0
+    b.grad = torch.randn(4)
+    b0 = b.detach().clone()
+    opt.step()
+    # b's first update uses step 3's bias corrections, as timm
+    ref = b0.clone()
+    m, v = torch.zeros(4), torch.zeros(4)
+    clip = reference.lamb_clip_coef([a.grad, b.grad], 1.0)
+    reference.lamb_step([ref], [b.grad], [m], [v], clip, 1e-3, 0.9, 0.999, 0.1, 1 - 0.9**3, 1 - 0.999**3, 1e-6,
+                        0.01, 1e-3, False, True, False)  # fmt: skip
+    torch.testing.assert_close(b.detach(), ref)
+
+
+def test_adamp_step_is_a_python_int_per_param():
+    params, opt = run_steps(lambda p: AdamP(p), 3)
+    steps = {opt.state[p]["step"] for p in params if p.grad is not None}
+    assert steps == {3} and all(type(opt.state[p]["step"]) is int for p in params if p.grad is not None)
+
+
+def test_closure_and_zero_grad():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    opt = Lamb(model.parameters(), lr=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    for _ in range(20):
+        last = opt.step(closure)
+    assert torch.is_tensor(first) and last < first
+
+
+def rosenbrock(xy):
+    x, y = xy[0], xy[1]
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+@pytest.mark.parametrize(
+    "factory", [lambda p: Lamb(p, lr=2e-2, weight_decay=0.0), lambda p: AdamP(p, lr=2e-2)], ids=["lamb", "adamp"]
+)
+def test_rosenbrock_converges(factory):
+    xy = nn.Parameter(torch.tensor([-1.5, 2.0]))
+    opt = factory([xy])
+    start = rosenbrock(xy).item()
+    for _ in range(3000):
+        opt.zero_grad()
+        rosenbrock(xy).backward()
+        opt.step()
+    assert rosenbrock(xy).item() < start * 1e-3
+    torch.testing.assert_close(xy.detach(), torch.tensor([1.0, 1.0]), atol=0.1, rtol=0)
+
+
+# --- state dicts -------------------------------------------------------------------------------------------
+
+
+def _continue(opt, params, seed, steps=5):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        set_grads(params, gen)
+        opt.step()
+
+
+@pytest.mark.parametrize("cls,kwargs", [(Lamb, dict(lr=1e-2, weight_decay=0.05)), (AdamP, dict(lr=1e-2, weight_decay=0.05))])
+def test_state_dict_round_trip(cls, kwargs):
+    params, opt = run_steps(lambda p: cls(p, **kwargs), 5)
+    clone = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = cls(clone, **kwargs)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _continue(opt, params, 9)
+    _continue(opt2, clone, 9)
+    assert_params_close(clone, params, rtol=0, atol=0)
+
+
+@requires_timm
+@pytest.mark.parametrize("name", ["Lamb", "AdamP"])
+@pytest.mark.parametrize("direction", ["timm_to_vitops", "vitops_to_timm"])
+def test_state_dict_cross_loads_with_timm(name, direction):
+    kwargs = dict(lr=1e-2, weight_decay=0.05)
+    ours, theirs = {"Lamb": Lamb, "AdamP": AdamP}[name], getattr(timm_optim, name)
+    first, second = (theirs, ours) if direction == "timm_to_vitops" else (ours, theirs)
+    params, opt = run_steps(lambda p: first(p, **kwargs), 5)
+    clone = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = second(clone, **kwargs)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    if name == "Lamb":
+        assert float(opt2.param_groups[0]["step"]) == 5.0
+    _continue(opt, params, 9)
+    _continue(opt2, clone, 9)
+    assert_params_close(clone, params)
+
+
+# --- Lookahead, create_optimizer, EMA --------------------------------------------------------------------
+
+
+@requires_timm
+def test_lookahead_matches_timm():
+    kwargs = dict(lr=1e-2, weight_decay=0.05)
+    got, opt = run_steps(lambda p: Lookahead(Lamb(p, **kwargs), alpha=0.6, k=3), 14)
+    want, _ = run_steps(lambda p: timm_optim.Lookahead(timm_optim.Lamb(p, foreach=False, **kwargs), alpha=0.6, k=3), 14)
+    assert_params_close(got, want)
+    assert opt.param_groups[0]["lookahead_step"] == 14
+    state = opt.state_dict()
+    assert any("lookahead_slow_buff" in s for s in state["state"].values())
+    with pytest.raises(ValueError):
+        Lookahead(Lamb(make_params()), alpha=1.5)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+        self.pos = nn.Parameter(torch.zeros(1, 8))
+
+    def no_weight_decay(self):
+        return {"pos"}
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)) + self.pos)
+
+
+def test_create_optimizer():
+    model = TinyNet()
+    opt = create_optimizer(model, "lamb", lr=1e-3, weight_decay=0.05)
+    assert isinstance(opt, Lamb)
+    no_decay, decay = opt.param_groups
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(decay["params"]) == ids([model.conv.weight, model.head.weight])
+    assert id(model.pos) in ids(no_decay["params"]) and id(model.bn.weight) in ids(no_decay["params"])
+    adamp = create_optimizer(model, "adamp", lr=1e-3, weight_decay=0.05)
+    assert isinstance(adamp, AdamP) and adamp.defaults["wd_ratio"] == 0.01 and adamp.defaults["nesterov"]
+    adamw = create_optimizer(model.parameters(), "adamw", lr=1e-3, weight_decay=0.05)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
+    la = create_optimizer(model, "lookahead_adamp", lr=1e-3)
+    assert isinstance(la, Lookahead) and isinstance(la.base_optimizer, AdamP)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        create_optimizer(model, "sgdx")
+    if timm_optim is not None:
+        ref = timm_optim.create_optimizer_v2(model, "lamb", lr=1e-3, weight_decay=0.05)
+        assert [ids(g["params"]) for g in ref.param_groups] == [ids(g["params"]) for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_model_ema_matches_timm_v3(warmup):
+    torch.manual_seed(0)
+    model = TinyNet()
+    ema = ModelEma(model, decay=0.99, warmup=warmup)
+    ref = ModelEmaV3(model, decay=0.99, use_warmup=warmup) if ModelEmaV3 is not None else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(8):
+        model.train()
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model, step=step)
+        if ref is not None:
+            ref.update(model, step=step)
+    ema_state = ema.module.state_dict()
+    assert ema_state["bn.num_batches_tracked"] == model.bn.num_batches_tracked
+    assert not torch.equal(ema_state["conv.weight"], model.conv.weight)
+    if ref is not None:
+        for key, value in ref.module.state_dict().items():
+            torch.testing.assert_close(ema_state[key], value, rtol=0, atol=0, msg=key)
+    assert ema.get_decay(0) == 0.0 and ema.get_decay(None) == 0.99
+
+
+# --- argument checks ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Lamb, AdamP])
+@pytest.mark.parametrize(
+    "kwargs", [dict(lr=-1e-3), dict(betas=(1.0, 0.999)), dict(betas=(0.9, -0.1)), dict(eps=-1e-8),
+               dict(weight_decay=-0.1), dict(betas=(0.9, 1.0))],  # fmt: skip
+    ids=["lr", "beta1", "beta2_negative", "eps", "weight_decay", "beta2_one"],
+)
+def test_bad_hyperparameters_raise(cls, kwargs):
+    with pytest.raises(ValueError, match=r"vitops\.optim\."):
+        cls([nn.Parameter(torch.randn(3))], **kwargs)
+
+
+@pytest.mark.parametrize("cls", [Lamb, AdamP])
+def test_complex_and_sparse_rejected(cls):
+    with pytest.raises(ValueError, match="complex"):
+        cls([nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="sparse"):
+        cls([nn.Parameter(torch.randn(3, 3).to_sparse())])
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = cls([p])
+    p.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+# --- the ops ------------------------------------------------------------------------------------------------
+
+
+def lamb_args(dtype=torch.float32, clip=True):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (33,), (2, 3, 4)]
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    m = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    v = [torch.rand(s, generator=g) * 0.1 for s in shapes]
+    coef = torch.tensor(1.5) if clip else None
+    return (params, grads, m, v, coef, 1e-2, 0.9, 0.999, 0.1, 0.5, 0.3, 1e-6, 0.01, 1e-2, False, True, False)
+
+
+def adamp_args(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (33,), (2, 3, 4)]
+    params = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    m = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    v = [torch.rand(s, generator=g) * 0.1 for s in shapes]
+    return (params, grads, m, v, [0.5, 0.3, 0.2], [0.1, 0.05, 0.02], 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.1, 0.1, True)
+
+
+OPS = {
+    "lamb_step": (lamb_args, reference.lamb_step),
+    "adamp_step": (adamp_args, reference.adamp_step),
+}
+
+
+def _op(name, backend):
+    return getattr(torch.ops.vitops, f"{name}_triton" if backend == "triton" else name)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(name, backend):
+    if _backend.availability()[name]["cpu"][backend] is not None:
+        pytest.skip(_backend.availability()[name]["cpu"][backend])
+    make, _ = OPS[name]
+    torch.library.opcheck(_op(name, backend), make())
+    torch.library.opcheck(_op(name, backend), make(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_op_matches_reference(name, backend):
+    if _backend.availability()[name]["cpu"][backend] is not None:
+        pytest.skip(_backend.availability()[name]["cpu"][backend])
+    make, ref = OPS[name]
+    got, want = make(), make()
+    _op(name, backend)(*got)
+    ref(*want)
+    for a, b in zip(got[:4], want[:4]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_op_compiles_fullgraph(name):
+    make, _ = OPS[name]
+    op = getattr(torch.ops.vitops, name)
+
+    def step(*args):
+        op(*args)
+        return args[0][0] * 2
+
+    got, want = make(), make()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(*got)
+    op(*want)
+    for a, b in zip(got[:4], want[:4]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(out, want[0][0] * 2)
+
+
+def test_kernel_argument_errors_name_the_argument():
+    if _backend.availability()["lamb_step"]["cpu"]["cpu"] is not None:
+        pytest.skip("no compiled CPU kernels")
+    args = list(lamb_args())
+    args[2] = [m.double() for m in args[2]]
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\]"):
+        torch.ops.vitops.lamb_step(*args)
+    args = list(adamp_args())
+    args[4] = [0.5]
+    with pytest.raises(RuntimeError, match="bias_correction1"):
+        torch.ops.vitops.adamp_step(*args)
+
+
+# --- DistributedDataParallel ----------------------------------------------------------------------------------
+
+_DDP_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from vitops.optim import AdamP, Lamb
+
+rank, world, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+ddp = DDP(model)
+torch.manual_seed(1 + rank)  # different data on each rank
+for cls in (Lamb, AdamP):
+    opt = cls(ddp.parameters(), lr=1e-2, weight_decay=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        ddp(torch.randn(4, 3, 6, 6)).square().mean().backward()
+        opt.step()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+gathered = [torch.empty_like(flat) for _ in range(world)]
+dist.all_gather(gathered, flat)
+assert all(torch.equal(gathered[0], g) for g in gathered), "params differ across ranks"
+print("ok", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_processes(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    port = str(_free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), "2", port], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert out.strip() == "ok"
