@@ -7,6 +7,9 @@
 #pragma GCC target("avx2,f16c")
 #include <immintrin.h>
 
+// Lanes<__m256> below: the vector type's alignment attribute does not matter for a tag parameter.
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+
 namespace vitops {
 namespace cpu {
 namespace simd {
