@@ -136,8 +136,6 @@ def _check_gamma(gamma: Tensor, branch: Tensor) -> None:
 def _run(residual: Tensor | None, branch: Tensor, gamma: Tensor | None, sample_scale: Tensor | None) -> Tensor:
     """Casts to what the kernels take and calls the chosen backend."""
     backend = _backend.backend_for("drop_path_add", branch.device.type)
-    if backend == "torch":
-        return reference.drop_path_add(residual, branch, gamma, sample_scale)
     out_dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
     if residual is not None:
         out_dtype = torch.promote_types(residual.dtype, out_dtype)
@@ -147,6 +145,8 @@ def _run(residual: Tensor | None, branch: Tensor, gamma: Tensor | None, sample_s
     acc = reference.accumulate_dtype(out_dtype)
     gamma = gamma.to(acc) if gamma is not None else None
     sample_scale = sample_scale.to(acc) if sample_scale is not None else None
+    if backend == "torch":
+        return reference.drop_path_add(residual, branch, gamma, sample_scale)
     if backend == "triton":
         return torch.ops.vitops.drop_path_add_triton(residual, branch, gamma, sample_scale)
     return torch.ops.vitops.drop_path_add(residual, branch, gamma, sample_scale)
