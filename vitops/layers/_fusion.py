@@ -68,4 +68,4 @@ def new_conv_like(template: nn.Conv2d, weight: Tensor, bias: Tensor, kernel_size
     with torch.no_grad():
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
-    return conv
+    return conv.train(template.training)

@@ -71,7 +71,7 @@ class ConvNormAct(nn.Module):
         weight, bias = self.fused_weight_bias()
         self.conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.conv.weight.requires_grad)
         self.conv.bias = nn.Parameter(bias.detach().clone())
-        self.bn = nn.Identity()
+        self.bn = nn.Identity().train(self.training)
         self.inference_mode = True
 
     def reparameterize(self) -> None:

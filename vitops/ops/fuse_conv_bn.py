@@ -80,7 +80,7 @@ def _register(op: str) -> None:
 def _reference_impl(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     checks.check_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     fused_weight, fused_bias = reference.fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    return fused_weight.contiguous(), fused_bias
+    return fused_weight, fused_bias
 
 
 # Where vitops._C brought no kernel, the compiled op falls back to Triton on CUDA and to the reference on CPU.

@@ -111,4 +111,4 @@ def fuse_conv_bn(
         fused_bias = fused_bias * gamma
     if bn_bias is not None:
         fused_bias = fused_bias + bn_bias.to(acc)
-    return fused_weight.to(weight.dtype), fused_bias.to(weight.dtype)
+    return fused_weight.to(weight.dtype).contiguous(), fused_bias.to(weight.dtype)
