@@ -236,7 +236,7 @@ def test_torch_compile_fullgraph():
         w, b = fuse_conv_bn(weight, bias, mean, var, gamma, beta, 1e-5)
         return torch.nn.functional.conv2d(x, w, b, padding=1)
 
-    compiled = torch.compile(conv_bn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(conv_bn, fullgraph=True, backend="inductor")
     x = torch.randn(2, 4, 8, 8)
     weight = torch.randn(8, 4, 3, 3, requires_grad=True)
     t = channel_tensors(8)
@@ -329,6 +329,16 @@ def test_repvgg_block(cin, cout, k, stride, dilation, groups):
     conv = block.reparam_conv
     assert conv.kernel_size == (k, k) and conv.stride == (stride, stride) and conv.groups == groups
     assert sorted(dict(block.named_children())) == ["act", "reparam_conv"]
+
+
+def test_conv_norm_act_fuse_matches_torch_fuse_conv_bn_eval():
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    block = randomize_bn(ConvNormAct(8, 16, 3, groups=2, bias=True)).eval()
+    want = fuse_conv_bn_eval(copy.deepcopy(block.conv), block.bn)
+    block.fuse()
+    torch.testing.assert_close(block.conv.weight, want.weight, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(block.conv.bias, want.bias, rtol=2e-6, atol=1e-6)
 
 
 def test_repvgg_identity_branch_only_when_shapes_allow():
