@@ -497,6 +497,7 @@ def test_untraceable_model_falls_back_to_sequential_pairs():
 def test_reparameterize_timm_blocks():
     timm = pytest.importorskip("timm")
     from timm.layers import ConvNormAct as TimmConvNormAct
+    from timm.layers import StdConv2d
     from timm.models.byobnet import MobileOneBlock, RepVggBlock
     from timm.models.resnet import BasicBlock, ResNet
 
@@ -505,6 +506,7 @@ def test_reparameterize_timm_blocks():
         TimmConvNormAct(3, 8, 3),
         RepVggBlock(8, 8, 3),
         MobileOneBlock(8, 16, 3, stride=2, num_conv_branches=2),
+        nn.Sequential(StdConv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)),  # weight standardized: not foldable
         ResNet(BasicBlock, [1, 1, 1, 1], in_chans=16, channels=(8, 8, 16, 16), stem_width=8, num_classes=3),
     )
     model = randomize_bn(model).eval()
@@ -517,5 +519,6 @@ def test_reparameterize_timm_blocks():
     # 4 downsample Sequential(conv, bn) (the stem is 64 channels wide, stage 1 only 8).
     assert report.conv_bn_pairs == 1 + 1 + 8 + 4
     assert isinstance(fused[0].bn, nn.Sequential)  # the BatchNormAct2d's dropout and activation remain
-    assert report.bns_after == 0 and report.params_after < report.params_before
+    assert report.bns_after == 1 and isinstance(fused[3][1], nn.BatchNorm2d)
+    assert report.params_after < report.params_before
     assert timm is not None

@@ -80,6 +80,18 @@ def _is_conv(m: nn.Module) -> bool:
     return isinstance(m, _ConvNd) and not m.transposed
 
 
+_STOCK_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+def _is_foldable_conv(m: nn.Module) -> bool:
+    """A conv whose output is `conv(x, weight) + bias` with its own weight as stored: torch's convs and
+    subclasses that keep their forward, and timm's Conv2dSame (which only pads first). Not convs that transform
+    their weight in forward (timm's StdConv2d standardizes it, which would undo a folded scale)."""
+    if not _is_conv(m) or m.weight is None:
+        return False
+    return type(m).forward in _STOCK_CONV_FORWARDS or type(m).__name__ == "Conv2dSame"
+
+
 def _is_bn(m: nn.Module) -> bool:
     """A BatchNorm torch implements (any rank, SyncBatchNorm), or timm's BatchNormAct2d (BN, then drop, act)."""
     if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
@@ -147,7 +159,7 @@ def _reparameterize_blocks(module: nn.Module, counts: dict[str, int]) -> None:
 
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_conv(m) or _is_bn(m) or super().is_leaf_module(m, qualname)
+        return _is_foldable_conv(m) or _is_bn(m) or super().is_leaf_module(m, qualname)
 
 
 def _pairs_from_fx(model: nn.Module) -> list[tuple[str, str]]:
@@ -159,7 +171,7 @@ def _pairs_from_fx(model: nn.Module) -> list[tuple[str, str]]:
             calls.setdefault(node.target, []).append(node)
     pairs = []
     for conv_name, conv_calls in calls.items():
-        if not _is_conv(modules.get(conv_name)):
+        if not _is_foldable_conv(modules.get(conv_name)):
             continue
         bn_names = set()
         for node in conv_calls:
@@ -188,7 +200,7 @@ def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(module.named_children())
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if _is_conv(a) and _is_bn(b):
+            if _is_foldable_conv(a) and _is_bn(b):
                 prefix = f"{name}." if name else ""
                 pairs.append((prefix + a_name, prefix + b_name))
     return pairs
