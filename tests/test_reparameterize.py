@@ -520,5 +520,6 @@ def test_reparameterize_timm_blocks():
     assert report.conv_bn_pairs == 1 + 1 + 8 + 4
     assert isinstance(fused[0].bn, nn.Sequential)  # the BatchNormAct2d's dropout and activation remain
     assert report.bns_after == 1 and isinstance(fused[3][1], nn.BatchNorm2d)
+    assert not any(m.training for m in fused.modules())  # timm's new reparam convs are put in eval mode too
     assert report.params_after < report.params_before
     assert timm is not None

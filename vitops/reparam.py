@@ -270,7 +270,7 @@ def reparameterize(
         pairs = _pairs_from_sequentials(model)
         report.pair_search = f"sequential (torch.fx could not trace the model: {type(error).__name__})"
     report.conv_bn_pairs = sum(_fold_pair(model, conv_name, bn_name) for conv_name, bn_name in pairs)
-
+    model.eval()  # it was all in eval mode; modules the blocks created may not be
     report.convs_after, report.bns_after, report.params_after = _count(model)
     if example_input is not None:
         report.flops_after = count_flops(model, example_input)

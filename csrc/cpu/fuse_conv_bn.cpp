@@ -9,6 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+
 namespace vitops {
 namespace {
 
