@@ -83,6 +83,10 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
     return model
 
 
+def _row(op: str, case: str, provider: str, mode: str, ms: float, speedup: float) -> dict:
+    return dict(op=op, case=case, provider=provider, mode=mode, ms=ms, speedup=speedup)
+
+
 def _model_rows(device: str, quick: bool) -> list[dict]:
     rows = []
     batch, size, width = (2, 64, 32) if quick else (4, 128, 64)
@@ -94,16 +98,10 @@ def _model_rows(device: str, quick: bool) -> list[dict]:
         with torch.no_grad():
             base = _time_ms(lambda: model(x), device, quick)
             after = _time_ms(lambda: fused(x), device, quick)
-        rows.append(dict(op="reparameterize", case=case, provider="unfused", mode="inference", ms=base, speedup=1.0))
-        rows.append(
-            dict(op="reparameterize", case=case, provider="reparameterized", mode="inference", ms=after, speedup=base / after)
-        )
-        rows.append(
-            dict(
-                op="reparameterize", case=f"{name} w={width}", provider="vitops.reparameterize", mode="transform",
-                ms=_time_ms(lambda: vitops.reparameterize(model), device, True), speedup=1.0,
-            )
-        )  # fmt: skip
+        transform = _time_ms(lambda: vitops.reparameterize(model), device, True)
+        rows.append(_row("reparameterize", case, "unfused", "inference", base, 1.0))
+        rows.append(_row("reparameterize", case, "reparameterized", "inference", after, base / after))
+        rows.append(_row("reparameterize", f"{name} w={width}", "vitops.reparameterize", "transform", transform, 1.0))
     return rows
 
 
@@ -118,17 +116,13 @@ def _fusion_rows(device: str, quick: bool) -> list[dict]:
         case = "x".join(map(str, shape))
         with torch.no_grad():
             base = _time_ms(lambda: fuse_conv_bn_weights(w, bias, mean, var, 1e-5, gamma, beta), device, quick)
-            rows.append(
-                dict(op="fuse_conv_bn", case=case, provider="torch.nn.utils.fusion", mode="inference", ms=base, speedup=1.0)
-            )
+            rows.append(_row("fuse_conv_bn", case, "torch.nn.utils.fusion", "inference", base, 1.0))
             for backend in _backend.BACKENDS:
                 if _backend.availability()["fuse_conv_bn"][device][backend] is not None:
                     continue
                 with vitops.use_backend(backend):
                     ms = _time_ms(lambda: vitops.ops.fuse_conv_bn(w, bias, mean, var, gamma, beta, 1e-5), device, quick)
-                rows.append(
-                    dict(op="fuse_conv_bn", case=case, provider=f"vitops-{backend}", mode="inference", ms=ms, speedup=base / ms)
-                )
+                rows.append(_row("fuse_conv_bn", case, f"vitops-{backend}", "inference", ms, base / ms))
     return rows
 
 

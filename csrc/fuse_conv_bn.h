@@ -24,7 +24,8 @@ inline at::ScalarType fuse_conv_bn_accumulate_dtype(at::ScalarType weight) {
 inline void check_fuse_conv_bn_channel_tensor(
     const char* name, const at::Tensor& t, const at::Tensor& weight, at::ScalarType acc) {
   constexpr const char* op = "fuse_conv_bn";
-  VITOPS_CHECK_ARG(t.device() == weight.device(), op, name, " is on ", t.device(), " but weight is on ", weight.device());
+  VITOPS_CHECK_ARG(
+      t.device() == weight.device(), op, name, " is on ", t.device(), " but weight is on ", weight.device());
   VITOPS_CHECK_ARG(
       t.scalar_type() == acc, op, name, " must be ", acc, " for a ", weight.scalar_type(), " weight, got ",
       t.scalar_type());

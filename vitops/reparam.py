@@ -96,7 +96,8 @@ def _is_bn(m: nn.Module) -> bool:
     """A BatchNorm torch implements (any rank, SyncBatchNorm), or timm's BatchNormAct2d (BN, then drop, act)."""
     if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
         return True
-    return isinstance(m, _BatchNorm) and type(m).__name__ == "BatchNormAct2d" and hasattr(m, "act") and hasattr(m, "drop")
+    timm_bn_act = type(m).__name__ == "BatchNormAct2d" and hasattr(m, "act") and hasattr(m, "drop")
+    return isinstance(m, _BatchNorm) and timm_bn_act
 
 
 def _count(model: nn.Module) -> tuple[int, int, int]:

@@ -64,10 +64,12 @@ std::tuple<at::Tensor, at::Tensor> fuse_conv_bn_cuda(
   }
   TORCH_CHECK(args.channels <= int64_t(0x7fffffff), "vitops.fuse_conv_bn: too many output channels");
   // A warp multiple that covers one channel's weights, at most 256 threads.
-  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (args.per_channel + 31) / 32 * 32)));
+  const int64_t warps = std::max<int64_t>(1, (args.per_channel + 31) / 32);
+  const int threads = static_cast<int>(std::min<int64_t>(256, warps * 32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vitops::fuse_conv_bn", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    fuse_conv_bn_kernel<scalar_t><<<static_cast<unsigned>(args.channels), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    const auto blocks = static_cast<unsigned>(args.channels);
+    fuse_conv_bn_kernel<scalar_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
         args.weight.const_data_ptr<scalar_t>(), fuse_conv_bn_data_or_null<acc_t>(args.bias),
         args.running_mean.const_data_ptr<acc_t>(), args.running_var.const_data_ptr<acc_t>(),
         fuse_conv_bn_data_or_null<acc_t>(args.bn_weight), fuse_conv_bn_data_or_null<acc_t>(args.bn_bias),

@@ -51,7 +51,9 @@ def pair(value) -> tuple[int, int]:
 
 def check_odd_kernel(where: str, kernel_size: int) -> None:
     if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"{where}: kernel_size must be an odd int >= 1 so the branches share a centre, got {kernel_size!r}")
+        raise ValueError(
+            f"{where}: kernel_size must be an odd int >= 1 so the branches share a centre, got {kernel_size!r}"
+        )
 
 
 def check_groups(where: str, in_chs: int, out_chs: int, groups: int) -> None:

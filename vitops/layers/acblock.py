@@ -49,7 +49,9 @@ class ACBlock(nn.Module):
             )
         else:
             def branch(kernel, padding):
-                return ConvNormAct(in_chs, out_chs, kernel, stride, padding, dilation, groups, apply_act=False, **factory)
+                return ConvNormAct(
+                    in_chs, out_chs, kernel, stride, padding, dilation, groups, apply_act=False, **factory
+                )
 
             self.conv_kxk = branch((k, k), (p, p))
             self.conv_1xk = branch((1, k), (0, p))

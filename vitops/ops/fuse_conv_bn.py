@@ -101,7 +101,8 @@ def _check_tensor(name: str, t, optional: bool) -> None:
     if t is None and optional:
         return
     if not isinstance(t, Tensor):
-        raise TypeError(f"vitops.fuse_conv_bn: {name} must be a Tensor{' or None' if optional else ''}, got {type(t).__name__}")
+        kind = "a Tensor or None" if optional else "a Tensor"
+        raise TypeError(f"vitops.fuse_conv_bn: {name} must be {kind}, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"vitops.fuse_conv_bn: {name} must be a floating-point tensor, got {t.dtype}")
 
@@ -142,7 +143,9 @@ def fuse_conv_bn(
             f"{tuple(weight.shape)}"
         )
     if weight.dtype not in checks.KERNEL_DTYPES:
-        raise TypeError(f"vitops.fuse_conv_bn: weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+        raise TypeError(
+            f"vitops.fuse_conv_bn: weight must be float32, float16, bfloat16 or float64, got {weight.dtype}"
+        )
     for name, t in zip(checks.CHANNEL_ARGS, values):
         if t is None:
             continue

@@ -65,8 +65,9 @@ def fuse_conv_bn_triton(
     weight = weight.contiguous()
     block_k = min(triton.next_power_of_2(max(per_channel, 1)), _TILE_ELEMENTS)
     block_c = min(triton.next_power_of_2(channels), max(1, _TILE_ELEMENTS // block_k))
-    contiguous = [t.contiguous() if t is not None else None for t in (bias, running_mean, running_var, bn_weight, bn_bias)]
-    bias, running_mean, running_var, bn_weight, bn_bias = contiguous
+    channel_tensors = (bias, running_mean, running_var, bn_weight, bn_bias)
+    channel_tensors = [t.contiguous() if t is not None else None for t in channel_tensors]
+    bias, running_mean, running_var, bn_weight, bn_bias = channel_tensors
     acc = tl.float64 if weight.dtype == torch.float64 else tl.float32
     _fuse_conv_bn_kernel[(triton.cdiv(channels, block_c),)](
         weight, bias, running_mean, running_var, bn_weight, bn_bias, fused_weight, fused_bias,
