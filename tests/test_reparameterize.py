@@ -14,7 +14,7 @@ from vitops.layers import ACBlock, ConvNormAct, RepVGGBlock
 from vitops.ops import fuse_conv_bn, reference
 
 CUDA = torch.cuda.is_available()
-cuda = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 TRITON_CPU = _backend.TRITON_BLOCKER is None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -246,10 +246,11 @@ def test_torch_compile_fullgraph():
     assert weight.grad is not None and weight.grad.abs().sum() > 0
 
 
+@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("mark", [pytest.param(None, marks=cuda)])
-def test_cuda_backends_against_reference(backend, dtype, mark):
+def test_cuda_backends_against_reference(backend, dtype):
     acc = reference.accumulate_dtype(dtype)
     for shape in WEIGHT_SHAPES:
         weight = torch.randn(shape, device="cuda", dtype=dtype)
@@ -262,8 +263,9 @@ def test_cuda_backends_against_reference(backend, dtype, mark):
         torch.testing.assert_close(b, want_b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("mark", [pytest.param(None, marks=cuda)])
-def test_cuda_gradcheck_and_opcheck(mark):
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_gradcheck_and_opcheck():
     weight = torch.randn(4, 2, 3, 3, dtype=torch.float64, device="cuda", requires_grad=True)
     t = {k: v.requires_grad_(True) for k, v in channel_tensors(4, dtype=torch.float64, device="cuda").items()}
     with vitops.use_backend("cuda"):
@@ -462,7 +464,8 @@ def test_reparameterize_model():
     assert "conv->BN pairs folded: 12" in str(report)
 
     same, report2 = vitops.reparameterize(fused, inplace=True)
-    assert same is fused and report2.conv_bn_pairs == 0 and report2.flops_before is None
+    assert same is fused and report2.conv_bn_pairs == 0 and report2.blocks == {} and report2.flops_before is None
+    assert report.convs_folded == 3 and report.bns_folded == 19
 
 
 def test_reparameterize_refuses_training_mode():

@@ -33,7 +33,8 @@ class ReparamReport:
     """What vitops.reparameterize did.
 
     Attributes:
-        blocks: class name -> how many modules of that class re-parameterized themselves (pass 1).
+        blocks: class name -> how many modules of that class re-parameterized themselves (pass 1); blocks that
+            already were in their inference form are not counted.
         conv_bn_pairs: Conv -> BatchNorm pairs folded by the model walk (pass 2).
         pair_search: how pass 2 found the pairs: "fx", or "sequential (...why fx failed...)".
         convs_before, convs_after: conv modules in the model.
@@ -57,10 +58,12 @@ class ReparamReport:
 
     @property
     def convs_folded(self) -> int:
+        """Convs removed by merging branches (folding a BatchNorm into a conv keeps the conv)."""
         return self.convs_before - self.convs_after
 
     @property
     def bns_folded(self) -> int:
+        """BatchNorms removed, by the blocks and by Conv -> BatchNorm folding together."""
         return self.bns_before - self.bns_after
 
     def __str__(self) -> str:
@@ -147,12 +150,18 @@ def _takes_no_arguments(method) -> bool:
     )
 
 
+def _structure(module: nn.Module) -> tuple:
+    return tuple(type(m) for m in module.modules()), tuple(p.shape for p in module.parameters())
+
+
 def _reparameterize_blocks(module: nn.Module, counts: dict[str, int]) -> None:
     method = getattr(module, "reparameterize", None)
     if callable(method) and _takes_no_arguments(method):
+        before = _structure(module)
         method()
-        name = type(module).__name__
-        counts[name] = counts.get(name, 0) + 1
+        if _structure(module) != before:  # count only the blocks that were not re-parameterized already
+            name = type(module).__name__
+            counts[name] = counts.get(name, 0) + 1
         return  # the block has replaced its own children
     for child in list(module.children()):
         _reparameterize_blocks(child, counts)
