@@ -497,6 +497,32 @@ def test_untraceable_model_falls_back_to_sequential_pairs():
     assert_same_output(model(x), fused(x))
 
 
+def test_reparameterize_methods_that_need_arguments_are_not_called():
+    class VAEish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+        def reparameterize(self, mu, logvar):  # the VAE sampling trick, not a structural re-parameterization
+            raise AssertionError("must not be called")
+
+        def forward(self, x):
+            return self.encoder(x)
+
+    model = randomize_bn(VAEish()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    fused, report = vitops.reparameterize(model)
+    assert report.blocks == {} and report.conv_bn_pairs == 1
+    assert_same_output(model(x), fused(x))
+
+
+def test_batchnorm_without_running_stats_is_refused_by_name():
+    block = RepVGGBlock(4, 4, 3)
+    block.identity = nn.BatchNorm2d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match="RepVGGBlock: can't fold a BatchNorm without running statistics"):
+        block.eval().reparameterize()
+
+
 def test_reparameterize_timm_blocks():
     timm = pytest.importorskip("timm")
     from timm.layers import ConvNormAct as TimmConvNormAct
