@@ -461,6 +461,7 @@ def test_reparameterize_model():
     assert report.params_after < report.params_before == n_params(model)
     assert report.params_after == n_params(fused)
     assert report.flops_after < report.flops_before
+    assert report.max_rel_error is not None and report.max_rel_error < 1e-5
     assert "conv->BN pairs folded: 12" in str(report)
 
     same, report2 = vitops.reparameterize(fused, inplace=True)

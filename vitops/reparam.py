@@ -42,6 +42,8 @@ class ReparamReport:
         params_before, params_after: parameter counts.
         flops_before, flops_after: FLOPs of one forward of `example_input` (convs, linears and BatchNorms), or
             None when no example_input was given.
+        max_rel_error: the largest |after - before| over the model's tensor outputs for `example_input`, relative
+            to the largest |before|; None without example_input. A check that the result computes the same.
     """
 
     blocks: dict[str, int] = field(default_factory=dict)
@@ -55,6 +57,7 @@ class ReparamReport:
     params_after: int = 0
     flops_before: int | None = None
     flops_after: int | None = None
+    max_rel_error: float | None = None
 
     @property
     def convs_folded(self) -> int:
@@ -76,6 +79,8 @@ class ReparamReport:
         ]
         if self.flops_before is not None:
             lines.append(f"FLOPs: {self.flops_before:,} -> {self.flops_after:,}")
+        if self.max_rel_error is not None:
+            lines.append(f"largest output change on example_input: {self.max_rel_error:.2e} of the output's scale")
         return "\n".join(lines)
 
 
@@ -113,6 +118,24 @@ def _count(model: nn.Module) -> tuple[int, int, int]:
 def count_flops(model: nn.Module, example_input) -> int:
     """FLOPs of `model(example_input)` counted in its convs (2 per multiply-add, 1 per bias add), linears
     (likewise) and BatchNorms (2 per element). Other ops (activations, adds, pooling) are not counted."""
+    return _run_counting(model, example_input)[0]
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _relative_change(before, after) -> float:
+    scale, change = 0.0, 0.0
+    for a, b in zip(_tensors(before), _tensors(after)):
+        scale = max(scale, a.abs().max().item() if a.numel() else 0.0)
+        change = max(change, (a.double() - b.double()).abs().max().item() if a.numel() else 0.0)
+    return change / scale if scale > 0 else change
+
+
+def _run_counting(model: nn.Module, example_input):
+    """(FLOPs, output) of one forward of `example_input`."""
     total = 0
 
     def hook(module, inputs, output):
@@ -132,11 +155,11 @@ def count_flops(model: nn.Module, example_input) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children()) or _is_bn(m)]
     try:
         with torch.no_grad():
-            model(*example_input) if isinstance(example_input, tuple) else model(example_input)
+            output = model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     finally:
         for h in handles:
             h.remove()
-    return total
+    return total, output
 
 
 def _takes_no_arguments(method) -> bool:
@@ -249,12 +272,13 @@ def reparameterize(
         model: a model in eval mode (`model.eval()`); folding uses the BatchNorms' running statistics, which only
             eval mode uses, so a module in training mode is refused.
         inplace: change `model` itself; by default a deep copy is changed and `model` is left as it was.
-        example_input: optional input (or tuple of inputs) used to count FLOPs before and after.
+        example_input: optional input (or tuple of inputs) used to count FLOPs before and after, and to
+            measure how much the outputs changed (report.max_rel_error).
 
     Returns:
         (model, report): the re-parameterized model and a ReparamReport (str() gives a summary): blocks
         re-parameterized, Conv -> BatchNorm pairs folded, convs, BatchNorms and parameters before and after, and
-        FLOPs before and after when `example_input` is given.
+        FLOPs before and after and the largest output change when `example_input` is given.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_WHERE}: model must be an nn.Module, got {type(model).__name__}")
@@ -270,7 +294,7 @@ def reparameterize(
     report = ReparamReport()
     report.convs_before, report.bns_before, report.params_before = _count(model)
     if example_input is not None:
-        report.flops_before = count_flops(model, example_input)
+        report.flops_before, output_before = _run_counting(model, example_input)
 
     _reparameterize_blocks(model, report.blocks)
 
@@ -283,5 +307,6 @@ def reparameterize(
     model.eval()  # it was all in eval mode; modules the blocks created may not be
     report.convs_after, report.bns_after, report.params_after = _count(model)
     if example_input is not None:
-        report.flops_after = count_flops(model, example_input)
+        report.flops_after, output_after = _run_counting(model, example_input)
+        report.max_rel_error = _relative_change(output_before, output_after)
     return model, report
