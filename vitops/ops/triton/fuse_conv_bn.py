@@ -17,12 +17,15 @@ def _fuse_conv_bn_kernel(
     weight_ptr, bias_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, fused_weight_ptr, fused_bias_ptr,
     channels, per_channel, eps,
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, IS_FP64: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     in_c = c < channels
-    var = tl.load(var_ptr + c, mask=in_c, other=1.0).to(ACC)
-    inv_std = 1.0 / tl.sqrt(var + eps)
+    var_eps = tl.load(var_ptr + c, mask=in_c, other=1.0).to(ACC) + eps
+    if IS_FP64:  # float64 sqrt and division are IEEE-rounded already
+        inv_std = 1.0 / tl.sqrt(var_eps)
+    else:  # tl.sqrt and / are approximate for float32 on GPUs
+        inv_std = tl.div_rn(tl.full((BLOCK_C,), 1.0, ACC), tl.sqrt_rn(var_eps))
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr + c, mask=in_c, other=1.0).to(ACC)
     else:
@@ -68,11 +71,11 @@ def fuse_conv_bn_triton(
     channel_tensors = (bias, running_mean, running_var, bn_weight, bn_bias)
     channel_tensors = [t.contiguous() if t is not None else None for t in channel_tensors]
     bias, running_mean, running_var, bn_weight, bn_bias = channel_tensors
-    acc = tl.float64 if weight.dtype == torch.float64 else tl.float32
+    is_fp64 = weight.dtype == torch.float64
     _fuse_conv_bn_kernel[(triton.cdiv(channels, block_c),)](
         weight, bias, running_mean, running_var, bn_weight, bn_bias, fused_weight, fused_bias,
         channels, per_channel, eps,
         HAS_BIAS=bias is not None, HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
-        BLOCK_C=block_c, BLOCK_K=block_k, ACC=acc,
+        BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
     )  # fmt: skip
     return fused_weight, fused_bias
