@@ -393,6 +393,19 @@ def test_acblock(cin, cout, k, stride, dilation, groups):
     check_reparameterized(lambda **kw: ACBlock(cin, cout, k, stride, dilation=dilation, groups=groups, **kw), x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_reparameterize_keeps_dtype_and_channels_last(dtype):
+    model = nn.Sequential(RepVGGBlock(8, 8, 3), ACBlock(8, 8, 3), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    model = randomize_bn(model).to(dtype=dtype, memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 8, 12, 12, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    fused, _ = vitops.reparameterize(model)
+    for m in fused.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.weight.dtype == m.bias.dtype == dtype
+            assert m.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_output(model(x).double(), fused(x).double(), rel=2e-2 if dtype == torch.bfloat16 else 1e-12)
+
+
 def test_equivalent_kernel_is_differentiable():
     block = randomize_bn(RepVGGBlock(4, 4, 3)).eval()
     weight, bias = block.get_equivalent_kernel_bias()

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from vitops.layers._fusion import fold_bn
+from vitops.layers._fusion import fold_bn, in_layout_of
 
 _WHERE = "vitops.reparameterize"
 
@@ -251,8 +251,9 @@ def _fold_pair(model: nn.Module, conv_name: str, bn_name: str) -> bool:
     if bn.num_features != conv.out_channels or bn.running_mean is None:
         return False
     weight, bias = fold_bn(conv.weight, conv.bias, bn, _WHERE)
-    conv.weight = nn.Parameter(weight.detach().to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
-    conv.bias = nn.Parameter(bias.detach().to(conv.weight.dtype))
+    old = conv.weight
+    conv.weight = nn.Parameter(in_layout_of(weight.detach(), old), requires_grad=old.requires_grad)
+    conv.bias = nn.Parameter(bias.detach())
     if type(bn).__name__ == "BatchNormAct2d":
         replacement = nn.Sequential(bn.drop, bn.act)
     else:

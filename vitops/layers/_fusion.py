@@ -61,6 +61,15 @@ def check_groups(where: str, in_chs: int, out_chs: int, groups: int) -> None:
         raise ValueError(f"{where}: groups={groups} must divide in_chs={in_chs} and out_chs={out_chs}")
 
 
+def in_layout_of(new: Tensor, old: Tensor) -> Tensor:
+    """`new` in `old`'s memory format when that is channels_last (fused weights come back contiguous)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    memory_format = formats.get(old.dim())
+    if memory_format is not None and not old.is_contiguous() and old.is_contiguous(memory_format=memory_format):
+        return new.contiguous(memory_format=memory_format)
+    return new
+
+
 def new_conv_like(template: nn.Conv2d, weight: Tensor, bias: Tensor, kernel_size, padding) -> nn.Conv2d:
     """A biased Conv2d with `template`'s channels, stride, dilation and groups, holding weight and bias."""
     conv = nn.Conv2d(
@@ -68,6 +77,6 @@ def new_conv_like(template: nn.Conv2d, weight: Tensor, bias: Tensor, kernel_size
         dilation=template.dilation, groups=template.groups, bias=True, device=weight.device, dtype=weight.dtype,
     )  # fmt: skip
     with torch.no_grad():
-        conv.weight.copy_(weight)
+        conv.weight = nn.Parameter(in_layout_of(weight.detach().clone(), template.weight))
         conv.bias.copy_(bias)
     return conv.train(template.training)

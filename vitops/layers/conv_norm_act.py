@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vitops.layers._fusion import fold_bn, pair
+from vitops.layers._fusion import fold_bn, in_layout_of, pair
 
 
 def same_padding(kernel_size, stride=1, dilation=1) -> tuple[int, int]:
@@ -69,7 +69,8 @@ class ConvNormAct(nn.Module):
         if self.inference_mode:
             return
         weight, bias = self.fused_weight_bias()
-        self.conv.weight = nn.Parameter(weight.detach().clone(), requires_grad=self.conv.weight.requires_grad)
+        old = self.conv.weight
+        self.conv.weight = nn.Parameter(in_layout_of(weight.detach().clone(), old), requires_grad=old.requires_grad)
         self.conv.bias = nn.Parameter(bias.detach().clone())
         self.bn = nn.Identity().train(self.training)
         self.inference_mode = True
