@@ -2,7 +2,10 @@
 from vitops import ops, layers  # noqa: F401  (importing ops registers every custom op)
 from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
+from vitops.reparam import ReparamReport, reparameterize
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "backend_info", "layers", "ops", "use_backend", "__version__"]
+__all__ = [
+    "BACKENDS", "ReparamReport", "backend_info", "layers", "ops", "reparameterize", "use_backend", "__version__"
+]

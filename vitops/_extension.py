@@ -15,6 +15,10 @@ SCHEMAS = {
         "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
         "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)"
     ),
+    "fuse_conv_bn": (
+        "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
+        "Tensor? bn_bias, float eps) -> (Tensor, Tensor)"
+    ),
 }
 
 try:
