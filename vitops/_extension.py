@@ -26,6 +26,10 @@ SCHEMAS = {
         "float[] bias_correction1, float[] bias_correction2, float lr, float beta1, float beta2, float eps, "
         "float weight_decay, float delta, float wd_ratio, bool nesterov) -> ()"
     ),
+    "fuse_conv_bn": (
+        "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
+        "Tensor? bn_bias, float eps) -> (Tensor, Tensor)"
+    ),
 }
 
 try:
