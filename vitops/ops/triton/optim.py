@@ -4,7 +4,7 @@ The same stages as the C++ and CUDA kernels, launched per tensor: a first pass u
 accumulates (atomically, per tensor or per channel row) the sums the step needs; the trust ratios (LAMB) or
 projection coefficients (AdamP) are then worked out on the device with torch ops, never read back to the host;
 a second pass applies the update, recomputing the Adam direction from the new moments. Arithmetic is IEEE
-rounded (div_rn, sqrt_rn) in timm's order of operations.
+rounded (div_rn, sqrt_rn, no FMA contraction) in timm's order of operations.
 """
 from typing import List, Optional
 
@@ -98,7 +98,7 @@ def lamb_step_triton(
         grid = (triton.cdiv(p.numel(), _BLOCK),)
         _lamb_kernel[grid](
             p, g, m, v, clip, sums[i] if two_pass else p, p, p.numel(), **consts,
-            MODE=mode, STAGE=1 if two_pass else 0, HAS_CLIP=clip_coef is not None, BLOCK=_BLOCK,
+            MODE=mode, STAGE=1 if two_pass else 0, HAS_CLIP=clip_coef is not None, BLOCK=_BLOCK, enable_fp_fusion=False,
         )  # fmt: skip
     if not two_pass:
         return
@@ -112,7 +112,7 @@ def lamb_step_triton(
         grid = (triton.cdiv(p.numel(), _BLOCK),)
         _lamb_kernel[grid](
             p, g, m, v, clip, p, ratio[i], p.numel(), **consts,
-            MODE=mode, STAGE=2, HAS_CLIP=clip_coef is not None, BLOCK=_BLOCK,
+            MODE=mode, STAGE=2, HAS_CLIP=clip_coef is not None, BLOCK=_BLOCK, enable_fp_fusion=False,
         )  # fmt: skip
 
 
@@ -220,13 +220,13 @@ def adamp_step_triton(
             sums = torch.zeros(rows, 4, dtype=torch.float32, device=device)
             _adamp_kernel[grid](
                 p, g, m, v, sums, sums, plain_factor, row_len, **consts, **per_tensor,
-                NESTEROV=nesterov, STAGE=1, BLOCK=_BLOCK,
+                NESTEROV=nesterov, STAGE=1, BLOCK=_BLOCK, enable_fp_fusion=False,
             )  # fmt: skip
             pending.append((i, sums, grid, row_len, per_tensor))
         else:
             _adamp_kernel[grid](
                 p, g, m, v, p, p, plain_factor, row_len, **consts, **per_tensor,
-                NESTEROV=nesterov, STAGE=0, BLOCK=_BLOCK,
+                NESTEROV=nesterov, STAGE=0, BLOCK=_BLOCK, enable_fp_fusion=False,
             )  # fmt: skip
     for i, sums, grid, row_len, per_tensor in pending:
         p, g, m, v = params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
@@ -234,7 +234,7 @@ def adamp_step_triton(
         factor = torch.where(projected, projected_factor, plain_factor)
         _adamp_kernel[grid](
             p, g, m, v, sums, coef, factor, row_len, **consts, **per_tensor,
-            NESTEROV=nesterov, STAGE=2, BLOCK=_BLOCK,
+            NESTEROV=nesterov, STAGE=2, BLOCK=_BLOCK, enable_fp_fusion=False,
         )  # fmt: skip
 
 
