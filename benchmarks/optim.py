@@ -4,17 +4,17 @@ param sets of ViT-S/16, ViT-B/16 and ResNet-50 (params only: a step does not dep
 GB/s counts the minimal bytes a step must move per float32 param, not what each implementation moves:
 LAMB 44 (grad-norm pass 4; moments pass reads p, g, m, v and writes m, v: 24; apply pass reads p, m, v and writes
 p: 16), AdamP 40 (24 + 16: the projection needs the whole tensor's sums before the update), AdamW 28.
-pct_sol relates that to the copy bandwidth measured in the same run (read + write of a 256 MiB buffer).
+pct_sol relates that to the copy bandwidth measured in the same run (benchmarks.harness).
 
-    python benchmarks/optim.py [--device cpu|cuda] [--quick]
+    python -m benchmarks --only optim [--quick]      (or: python -m benchmarks.optim [--device cpu|cuda] [--quick])
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+
+from benchmarks.harness import add_speedups, format_table, measure_ms, row
 
 MIN_BYTES_PER_PARAM = {"lamb_step": 44, "adamp_step": 40, "adamw_step": 28}
 
@@ -46,31 +46,6 @@ CASES = {
     "vit_base params": lambda: vit_shapes(768, 12),
     "resnet50 params": resnet50_shapes,
 }
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, device: str, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbps(device: str) -> float:
-    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, reps=5)
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 def _params(shapes, device):
@@ -109,32 +84,36 @@ def _providers(device: str):
 
 def run(device: str, quick: bool) -> list[dict]:
     """One row per (param set, implementation): median step time, GB/s of the minimal bytes, % of copy
-    bandwidth."""
+    bandwidth, and the speedup over torch's fused AdamW."""
     if device == "cuda" and not torch.cuda.is_available():
         return []
-    peak = copy_bandwidth_gbps(device)
     cases = ["vit_small params"] if quick else list(CASES)
-    reps = 3 if quick else 7
     rows = []
     for case in cases:
         params = _params(CASES[case](), device)
         numel = sum(p.numel() for p in params)
+        snapshot = [p.detach().clone() for p in params]
+        case_rows = []
         for op, provider, factory in _providers(device):
-            # the same starting point for every provider
-            snapshot = [p.detach().clone() for p in params]
             opt = factory(params)
             try:
-                ms = _median_ms(opt.step, device, reps)
+                ms = measure_ms(opt.step, device, quick)
             finally:
-                with torch.no_grad():
+                with torch.no_grad():  # every provider starts from the same params
                     for p, s in zip(params, snapshot):
                         p.copy_(s)
-            gbps = MIN_BYTES_PER_PARAM[op] * numel / (ms * 1e-3) / 1e9
-            rows.append({
-                "op": op, "case": case, "provider": provider, "mode": "step", "ms": ms, "gbps": gbps,
-                "pct_sol": 100.0 * gbps / peak,
-            })  # fmt: skip
+            case_rows.append(row(
+                op=op, case=case, provider=provider, mode="step", ms=ms, device=device, quick=quick,
+                bytes_moved=MIN_BYTES_PER_PARAM[op] * numel, params=numel,
+            ))  # fmt: skip
             del opt
+        # every optimizer against the fastest baseline step, AdamW fused
+        fused = next(r["ms"] for r in case_rows if r["provider"] == "torch AdamW fused")
+        for r in case_rows:
+            r["x_adamw_fused_time"] = round(r["ms"] / fused, 2)
+        rows += case_rows
+    add_speedups(rows, "timm Lamb")
+    add_speedups(rows, "timm AdamP")
     return rows
 
 
@@ -144,9 +123,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     print(f"device {args.device}, {torch.get_num_threads()} CPU threads")
-    for row in run(args.device, args.quick):
-        print(f"{row['case']:18s} {row['op']:11s} {row['provider']:22s} {row['ms']:9.2f} ms "
-              f"{row['gbps']:7.1f} GB/s {row['pct_sol']:5.1f}% of copy")  # fmt: skip
+    print(format_table(run(args.device, args.quick)))
 
 
 if __name__ == "__main__":

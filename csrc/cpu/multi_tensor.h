@@ -11,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
@@ -102,6 +103,44 @@ inline std::vector<double> reduce_slots(const ChunkPlan& plan, const std::vector
     }
   }
   return row_sums;
+}
+
+// Two-pass steps run pass 1 and pass 2 per group of consecutive tensors of at most kCacheGroup elements (a
+// larger tensor is a group of its own), so that pass 2 re-reads what pass 1 just touched from the cache.
+inline int64_t cache_group_elements() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("VITOPS_OPTIM_CACHE_GROUP");
+    return env ? std::atoll(env) : int64_t(1) << 18;
+  }();
+  return value;
+}
+
+template <typename Fn>
+inline void for_each_cache_group(at::TensorList tensors, const Fn& fn) {
+  const int64_t budget = cache_group_elements();
+  size_t first = 0;
+  int64_t total = 0;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t n = tensors[t].numel();
+    if (t > first && budget > 0 && total + n > budget) {
+      fn(first, t - first);
+      first = t;
+      total = 0;
+    }
+    total += n;
+  }
+  if (first < tensors.size()) {
+    fn(first, tensors.size() - first);
+  }
+}
+
+// A float buffer of at least n elements, kept per calling thread between steps (no allocation per step).
+inline float* scratch_buffer(int64_t n) {
+  static thread_local std::vector<float> buffer;
+  if (int64_t(buffer.size()) < n) {
+    buffer.resize(size_t(n));
+  }
+  return buffer.data();
 }
 
 inline float load_float(float x) { return x; }

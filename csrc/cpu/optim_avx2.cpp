@@ -1,4 +1,6 @@
 // AVX2 + F16C kernels of lamb_step and adamp_step for one row segment (see lamb.cpp / adamp.cpp for the math).
+// Pass 1 saves the update direction to a scratch buffer that pass 2 reads back from cache: one sqrt and one
+// divide per element per step, which is what bounds these kernels on a CPU.
 // Eight lanes per step, each operation rounded separately (no FMA), so every element gets exactly the
 // operations, in the order, of the scalar kernels; sums use eight float accumulators per segment.
 #include "optim_simd.h"
@@ -124,18 +126,17 @@ struct Lanes<float> {
 };
 
 template <typename X, int DT, int MODE, int STAGE>
-inline void lamb_lanes(const LambArgs& k, void* p, const void* g, float* m, float* v, int64_t i, X ratio,
-                       X& acc_pp, X& acc_uu) {
+inline void lamb_lanes(const LambArgs& k, void* p, const void* g, float* m, float* v, float* ub, int64_t i,
+                       X ratio, X& acc_pp, X& acc_uu) {
   using L = Lanes<X>;
   const X pv = L::template ld<DT>(p, i);
   const X pd = add(pv, mul(pv, L::splat(k.neg_decay)));
-  X mi, vi;
   if constexpr (STAGE == 2) {
-    mi = L::template ld<kF32>(m, i);
-    vi = L::template ld<kF32>(v, i);
+    L::template st<DT>(p, i, add(pd, mul(L::splat(k.neg_lr), mul(L::template ld<kF32>(ub, i), ratio))));
   } else {
-    const X gi = div(L::template ld<DT>(g, i), L::splat(k.clip));
+    const X gi = mul(L::template ld<DT>(g, i), L::splat(k.inv_clip));
     const X m0 = L::template ld<kF32>(m, i);
+    X mi;
     if constexpr (MODE == kLerpLow) {
       mi = add(m0, mul(L::splat(k.beta3), sub(gi, m0)));
     } else if constexpr (MODE == kLerpHigh) {
@@ -143,35 +144,35 @@ inline void lamb_lanes(const LambArgs& k, void* p, const void* g, float* m, floa
     } else {
       mi = add(mul(m0, L::splat(k.beta1)), mul(L::splat(k.beta3), gi));
     }
-    vi = add(mul(L::template ld<kF32>(v, i), L::splat(k.beta2)), mul(mul(L::splat(k.one_minus_beta2), gi), gi));
+    const X vi =
+        add(mul(L::template ld<kF32>(v, i), L::splat(k.beta2)), mul(mul(L::splat(k.one_minus_beta2), gi), gi));
     L::template st<kF32>(m, i, mi);
     L::template st<kF32>(v, i, vi);
-  }
-  const X denom = add(div(vsqrt(vi), L::splat(k.sqrt_bc2)), L::splat(k.eps));
-  X u = div(div(mi, L::splat(k.bc1)), denom);
-  u = add(u, mul(L::splat(k.coupled_wd), pd));
-  if constexpr (STAGE == 1) {
-    acc_pp = add(acc_pp, mul(pd, pd));
-    acc_uu = add(acc_uu, mul(u, u));
-  } else if constexpr (STAGE == 2) {
-    L::template st<DT>(p, i, add(pd, mul(L::splat(k.neg_lr), mul(u, ratio))));
-  } else {
-    L::template st<DT>(p, i, add(pd, mul(L::splat(k.neg_lr), u)));
+    const X denom = add(mul(vsqrt(vi), L::splat(k.inv_sqrt_bc2)), L::splat(k.eps));
+    X u = div(mul(mi, L::splat(k.inv_bc1)), denom);
+    u = add(u, mul(L::splat(k.coupled_wd), pd));
+    if constexpr (STAGE == 1) {
+      acc_pp = add(acc_pp, mul(pd, pd));
+      acc_uu = add(acc_uu, mul(u, u));
+      L::template st<kF32>(ub, i, u);
+    } else {
+      L::template st<DT>(p, i, add(pd, mul(L::splat(k.neg_lr), u)));
+    }
   }
 }
 
 template <int DT, int MODE, int STAGE>
-void lamb_segment(const LambArgs& k, void* p, const void* g, float* m, float* v, int64_t n, float ratio,
-                  double* sums) {
+void lamb_segment(const LambArgs& k, void* p, const void* g, float* m, float* v, float* ub, int64_t n,
+                  float ratio, double* sums) {
   V acc_pp = set1(0.f), acc_uu = set1(0.f);
   const V r = set1(ratio);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    lamb_lanes<V, DT, MODE, STAGE>(k, p, g, m, v, i, r, acc_pp, acc_uu);
+    lamb_lanes<V, DT, MODE, STAGE>(k, p, g, m, v, ub, i, r, acc_pp, acc_uu);
   }
   float tail_pp = 0.f, tail_uu = 0.f;
   for (; i < n; ++i) {
-    lamb_lanes<float, DT, MODE, STAGE>(k, p, g, m, v, i, ratio, tail_pp, tail_uu);
+    lamb_lanes<float, DT, MODE, STAGE>(k, p, g, m, v, ub, i, ratio, tail_pp, tail_uu);
   }
   if constexpr (STAGE == 1) {
     sums[0] = double(hsum(acc_pp)) + double(tail_pp);
@@ -180,55 +181,52 @@ void lamb_segment(const LambArgs& k, void* p, const void* g, float* m, float* v,
 }
 
 template <typename X, int DT, bool NESTEROV, int STAGE>
-inline void adamp_lanes(const AdamPArgs& k, void* p, const void* g, float* m, float* v, int64_t i, X coef,
-                        X* acc) {
+inline void adamp_lanes(const AdamPArgs& k, void* p, const void* g, float* m, float* v, float* qb, int64_t i,
+                        X coef, X* acc) {
   using L = Lanes<X>;
   const X pv = L::template ld<DT>(p, i);
-  X mi, vi, gi = L::splat(0.f);
   if constexpr (STAGE == 2) {
-    mi = L::template ld<kF32>(m, i);
-    vi = L::template ld<kF32>(v, i);
-    if constexpr (NESTEROV) {
-      gi = L::template ld<DT>(g, i);
-    }
+    const X q = L::template ld<kF32>(qb, i);
+    L::template st<DT>(p, i, add(mul(pv, L::splat(k.factor)), mul(L::splat(k.neg_step), sub(q, mul(pv, coef)))));
+    return;
   } else {
-    gi = L::template ld<DT>(g, i);
-    mi = add(mul(L::template ld<kF32>(m, i), L::splat(k.beta1)), mul(L::splat(k.one_minus_beta1), gi));
-    vi = add(mul(L::template ld<kF32>(v, i), L::splat(k.beta2)), mul(mul(L::splat(k.one_minus_beta2), gi), gi));
+    const X gi = L::template ld<DT>(g, i);
+    const X mi = add(mul(L::template ld<kF32>(m, i), L::splat(k.beta1)), mul(L::splat(k.one_minus_beta1), gi));
+    const X vi =
+        add(mul(L::template ld<kF32>(v, i), L::splat(k.beta2)), mul(mul(L::splat(k.one_minus_beta2), gi), gi));
     L::template st<kF32>(m, i, mi);
     L::template st<kF32>(v, i, vi);
-  }
-  const X denom = add(div(vsqrt(vi), L::splat(k.sqrt_bc2)), L::splat(k.eps));
-  X q;
-  if constexpr (NESTEROV) {
-    q = div(add(mul(L::splat(k.beta1), mi), mul(L::splat(k.one_minus_beta1), gi)), denom);
-  } else {
-    q = div(mi, denom);
-  }
-  if constexpr (STAGE == 1) {
-    acc[0] = add(acc[0], mul(gi, pv));
-    acc[1] = add(acc[1], mul(gi, gi));
-    acc[2] = add(acc[2], mul(pv, pv));
-    acc[3] = add(acc[3], mul(pv, q));
-  } else if constexpr (STAGE == 2) {
-    L::template st<DT>(p, i, add(mul(pv, L::splat(k.factor)), mul(L::splat(k.neg_step), sub(q, mul(pv, coef)))));
-  } else {
-    L::template st<DT>(p, i, add(mul(pv, L::splat(k.factor)), mul(L::splat(k.neg_step), q)));
+    const X denom = add(mul(vsqrt(vi), L::splat(k.inv_sqrt_bc2)), L::splat(k.eps));
+    X q;
+    if constexpr (NESTEROV) {
+      q = div(add(mul(L::splat(k.beta1), mi), mul(L::splat(k.one_minus_beta1), gi)), denom);
+    } else {
+      q = div(mi, denom);
+    }
+    if constexpr (STAGE == 1) {
+      acc[0] = add(acc[0], mul(gi, pv));
+      acc[1] = add(acc[1], mul(gi, gi));
+      acc[2] = add(acc[2], mul(pv, pv));
+      acc[3] = add(acc[3], mul(pv, q));
+      L::template st<kF32>(qb, i, q);
+    } else {
+      L::template st<DT>(p, i, add(mul(pv, L::splat(k.factor)), mul(L::splat(k.neg_step), q)));
+    }
   }
 }
 
 template <int DT, bool NESTEROV, int STAGE>
-void adamp_segment(const AdamPArgs& k, void* p, const void* g, float* m, float* v, int64_t n, float coef,
-                   double* sums) {
+void adamp_segment(const AdamPArgs& k, void* p, const void* g, float* m, float* v, float* qb, int64_t n,
+                   float coef, double* sums) {
   V acc[4] = {set1(0.f), set1(0.f), set1(0.f), set1(0.f)};
   float tail[4] = {0.f, 0.f, 0.f, 0.f};
   const V c = set1(coef);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    adamp_lanes<V, DT, NESTEROV, STAGE>(k, p, g, m, v, i, c, acc);
+    adamp_lanes<V, DT, NESTEROV, STAGE>(k, p, g, m, v, qb, i, c, acc);
   }
   for (; i < n; ++i) {
-    adamp_lanes<float, DT, NESTEROV, STAGE>(k, p, g, m, v, i, coef, tail);
+    adamp_lanes<float, DT, NESTEROV, STAGE>(k, p, g, m, v, qb, i, coef, tail);
   }
   if constexpr (STAGE == 1) {
     for (int q = 0; q < 4; ++q) {
@@ -238,42 +236,42 @@ void adamp_segment(const AdamPArgs& k, void* p, const void* g, float* m, float* 
 }
 
 template <int DT, int MODE>
-void lamb_stage(const LambArgs& k, int stage, void* p, const void* g, float* m, float* v, int64_t n, float r,
-                double* s) {
+void lamb_stage(const LambArgs& k, int stage, void* p, const void* g, float* m, float* v, float* u, int64_t n,
+                float r, double* s) {
   switch (stage) {
-    case 0: return lamb_segment<DT, MODE, 0>(k, p, g, m, v, n, r, s);
-    case 1: return lamb_segment<DT, MODE, 1>(k, p, g, m, v, n, r, s);
-    default: return lamb_segment<DT, MODE, 2>(k, p, g, m, v, n, r, s);
+    case 0: return lamb_segment<DT, MODE, 0>(k, p, g, m, v, u, n, r, s);
+    case 1: return lamb_segment<DT, MODE, 1>(k, p, g, m, v, u, n, r, s);
+    default: return lamb_segment<DT, MODE, 2>(k, p, g, m, v, u, n, r, s);
   }
 }
 
 template <int DT>
-void lamb_mode(const LambArgs& k, int mode, int stage, void* p, const void* g, float* m, float* v, int64_t n,
-               float r, double* s) {
+void lamb_mode(const LambArgs& k, int mode, int stage, void* p, const void* g, float* m, float* v, float* u,
+               int64_t n, float r, double* s) {
   switch (mode) {
-    case kLerpLow: return lamb_stage<DT, kLerpLow>(k, stage, p, g, m, v, n, r, s);
-    case kLerpHigh: return lamb_stage<DT, kLerpHigh>(k, stage, p, g, m, v, n, r, s);
-    default: return lamb_stage<DT, kMulAdd>(k, stage, p, g, m, v, n, r, s);
+    case kLerpLow: return lamb_stage<DT, kLerpLow>(k, stage, p, g, m, v, u, n, r, s);
+    case kLerpHigh: return lamb_stage<DT, kLerpHigh>(k, stage, p, g, m, v, u, n, r, s);
+    default: return lamb_stage<DT, kMulAdd>(k, stage, p, g, m, v, u, n, r, s);
   }
 }
 
 template <int DT, bool NESTEROV>
-void adamp_stage(const AdamPArgs& k, int stage, void* p, const void* g, float* m, float* v, int64_t n, float c,
-                 double* s) {
+void adamp_stage(const AdamPArgs& k, int stage, void* p, const void* g, float* m, float* v, float* u, int64_t n,
+                 float c, double* s) {
   switch (stage) {
-    case 0: return adamp_segment<DT, NESTEROV, 0>(k, p, g, m, v, n, c, s);
-    case 1: return adamp_segment<DT, NESTEROV, 1>(k, p, g, m, v, n, c, s);
-    default: return adamp_segment<DT, NESTEROV, 2>(k, p, g, m, v, n, c, s);
+    case 0: return adamp_segment<DT, NESTEROV, 0>(k, p, g, m, v, u, n, c, s);
+    case 1: return adamp_segment<DT, NESTEROV, 1>(k, p, g, m, v, u, n, c, s);
+    default: return adamp_segment<DT, NESTEROV, 2>(k, p, g, m, v, u, n, c, s);
   }
 }
 
 template <int DT>
 void adamp_nesterov(const AdamPArgs& k, bool nesterov, int stage, void* p, const void* g, float* m, float* v,
-                    int64_t n, float c, double* s) {
+                    float* u, int64_t n, float c, double* s) {
   if (nesterov) {
-    adamp_stage<DT, true>(k, stage, p, g, m, v, n, c, s);
+    adamp_stage<DT, true>(k, stage, p, g, m, v, u, n, c, s);
   } else {
-    adamp_stage<DT, false>(k, stage, p, g, m, v, n, c, s);
+    adamp_stage<DT, false>(k, stage, p, g, m, v, u, n, c, s);
   }
 }
 
@@ -285,20 +283,20 @@ bool has_avx2() {
 }
 
 void lamb_segment_avx2(const LambArgs& k, int dtype, int mode, int stage, void* p, const void* g, float* m,
-                       float* v, int64_t n, float ratio, double* sums) {
+                       float* v, float* u, int64_t n, float ratio, double* sums) {
   switch (dtype) {
-    case kF32: return lamb_mode<kF32>(k, mode, stage, p, g, m, v, n, ratio, sums);
-    case kF16: return lamb_mode<kF16>(k, mode, stage, p, g, m, v, n, ratio, sums);
-    default: return lamb_mode<kBF16>(k, mode, stage, p, g, m, v, n, ratio, sums);
+    case kF32: return lamb_mode<kF32>(k, mode, stage, p, g, m, v, u, n, ratio, sums);
+    case kF16: return lamb_mode<kF16>(k, mode, stage, p, g, m, v, u, n, ratio, sums);
+    default: return lamb_mode<kBF16>(k, mode, stage, p, g, m, v, u, n, ratio, sums);
   }
 }
 
 void adamp_segment_avx2(const AdamPArgs& k, int dtype, bool nesterov, int stage, void* p, const void* g, float* m,
-                        float* v, int64_t n, float coef, double* sums) {
+                        float* v, float* u, int64_t n, float coef, double* sums) {
   switch (dtype) {
-    case kF32: return adamp_nesterov<kF32>(k, nesterov, stage, p, g, m, v, n, coef, sums);
-    case kF16: return adamp_nesterov<kF16>(k, nesterov, stage, p, g, m, v, n, coef, sums);
-    default: return adamp_nesterov<kBF16>(k, nesterov, stage, p, g, m, v, n, coef, sums);
+    case kF32: return adamp_nesterov<kF32>(k, nesterov, stage, p, g, m, v, u, n, coef, sums);
+    case kF16: return adamp_nesterov<kF16>(k, nesterov, stage, p, g, m, v, u, n, coef, sums);
+    default: return adamp_nesterov<kBF16>(k, nesterov, stage, p, g, m, v, u, n, coef, sums);
   }
 }
 
@@ -312,8 +310,10 @@ namespace vitops {
 namespace cpu {
 namespace simd {
 bool has_avx2() { return false; }
-void lamb_segment_avx2(const LambArgs&, int, int, int, void*, const void*, float*, float*, int64_t, float, double*) {}
-void adamp_segment_avx2(const AdamPArgs&, int, bool, int, void*, const void*, float*, float*, int64_t, float, double*) {}
+void lamb_segment_avx2(const LambArgs&, int, int, int, void*, const void*, float*, float*, float*, int64_t, float,
+                       double*) {}
+void adamp_segment_avx2(const AdamPArgs&, int, bool, int, void*, const void*, float*, float*, float*, int64_t, float,
+                        double*) {}
 }  // namespace simd
 }  // namespace cpu
 }  // namespace vitops
