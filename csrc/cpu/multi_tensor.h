@@ -105,8 +105,9 @@ inline std::vector<double> reduce_slots(const ChunkPlan& plan, const std::vector
   return row_sums;
 }
 
-// Two-pass steps run pass 1 and pass 2 per group of consecutive tensors of at most kCacheGroup elements (a
-// larger tensor is a group of its own), so that pass 2 re-reads what pass 1 just touched from the cache.
+// Two-pass steps run pass 1 and pass 2 per group of consecutive tensors of at most VITOPS_OPTIM_CACHE_GROUP
+// elements (default 2^18; a larger tensor is a group of its own; 0: one group), so that pass 2 re-reads what
+// pass 1 just touched, and the direction it saved, from the cache.
 inline int64_t cache_group_elements() {
   static const int64_t value = [] {
     const char* env = std::getenv("VITOPS_OPTIM_CACHE_GROUP");
