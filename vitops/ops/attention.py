@@ -1,0 +1,270 @@
+"""Attention without a mask, for ViT/DeiT's short sequences (N = 50, 197, 577 at head_dim 64).
+
+Two entry points:
+
+- `attention(q, k, v, *, scale=None)`: (B, H, N, D) tensors like SDPA. Strided views whose last dim is contiguous
+  are read in place (e.g. q, k, v sliced out of a qkv Linear output).
+- `attention_packed(qkv, num_heads, *, scale=None)`: the raw (B, N, 3*H*D) qkv Linear output in, (B, N, H*D) out,
+  ready for the proj Linear; its backward writes one packed (B, N, 3*H*D) gradient. No permute/contiguous copy.
+
+Both are custom ops (torch.ops.vitops.attention / attention_packed) returning (out, lse) with fake kernels and
+autograd: the forward keeps the per-row log-sum-exp, and the backward is its own op
+(attention_backward / attention_packed_backward) that recomputes the probabilities, FlashAttention style.
+
+Backends: "triton" (CUDA tensors, or CPU under TRITON_INTERPRET=1) and "torch" (the reference: plain PyTorch,
+differentiated by autograd). There is no compiled CUDA or C++ kernel yet: the compiled ops' CUDA key runs the
+Triton kernels and their CPU key runs the reference. Precision: float16/bfloat16 compute in float32 and round
+once; float32 runs the Triton kernels with IEEE float32 dots; float64 always goes through the reference in
+float64 (on every backend). head_dim up to 256 is supported; larger head_dim is an error.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vitops import _backend, _extension
+from vitops.ops import reference
+
+try:
+    from vitops.ops.triton import attention as _triton
+
+    _TRITON_ERROR = None
+except ImportError as error:  # triton missing or broken: the reference still works
+    _triton = None
+    _TRITON_ERROR = f"Triton kernels failed to import: {error}"
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_backend.register_op("attention", has_triton=True, triton_blocker=_TRITON_ERROR)
+_backend.register_op("attention_packed", has_triton=True, triton_blocker=_TRITON_ERROR)
+
+
+# --- checks shared by the public functions and the fake kernels -----------------------------------------------
+
+
+def _check_tensor(op: str, name: str, t: Tensor, ndim: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"vitops.{op}: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"vitops.{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"vitops.{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"vitops.{op}: {name}'s last dim must be contiguous (stride 1), got strides {tuple(t.stride())}; "
+            "call .contiguous() first"
+        )
+
+
+def _check_head_dim(op: str, d: int) -> None:
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"vitops.{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+
+
+def _check_same(op: str, tensors: dict[str, Tensor]) -> None:
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != first.dtype:
+            raise TypeError(f"vitops.{op}: {first_name} is {first.dtype} but {name} is {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"vitops.{op}: {first_name} is on {first.device} but {name} is on {t.device}")
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, op: str = "attention") -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(op, name, t, 4)
+    _check_same(op, {"q": q, "k": k, "v": v})
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"vitops.{op}: expected q (B, H, Nq, D) and k, v (B, H, Nk, D), got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    _check_head_dim(op, q.shape[-1])
+
+
+def check_packed(qkv: Tensor, num_heads: int, op: str = "attention_packed") -> int:
+    """Checks a packed qkv and returns its head_dim."""
+    _check_tensor(op, "qkv", qkv, 3)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"vitops.{op}: num_heads must be a positive int, got {num_heads!r}")
+    c3 = qkv.shape[-1]
+    if c3 % (3 * num_heads) != 0 or c3 == 0:
+        raise ValueError(
+            f"vitops.{op}: qkv's last dim {c3} is not 3 * num_heads * head_dim for num_heads={num_heads}"
+        )
+    d = c3 // (3 * num_heads)
+    _check_head_dim(op, d)
+    return d
+
+
+# --- fake kernels, autograd -----------------------------------------------------------------------------------
+
+
+def _attention_fake(q, k, v, scale):
+    check_qkv(q, k, v)
+    lse = q.new_empty(q.shape[:-1], dtype=reference.accumulate_dtype(q.dtype))
+    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+
+def _attention_backward_fake(grad_out, q, k, v, out, lse, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _packed_fake(qkv, num_heads, scale):
+    check_packed(qkv, num_heads)
+    b, n, c3 = qkv.shape
+    out = qkv.new_empty((b, n, c3 // 3))
+    lse = qkv.new_empty((b, num_heads, n), dtype=reference.accumulate_dtype(qkv.dtype))
+    return out, lse
+
+
+def _packed_backward_fake(grad_out, qkv, out, lse, num_heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*tensors, out, lse)
+    ctx.scale = scale
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    return backward
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _make_packed_backward(backward_op):
+    def backward(ctx, grad_out, _grad_lse):
+        qkv, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        return backward_op(grad_out, qkv, out, lse, ctx.num_heads, ctx.scale), None, None
+
+    return backward
+
+
+def _register(suffix: str) -> None:
+    ops = torch.ops.vitops
+    torch.library.register_fake(f"vitops::attention{suffix}")(_attention_fake)
+    torch.library.register_fake(f"vitops::attention_backward{suffix}")(_attention_backward_fake)
+    torch.library.register_fake(f"vitops::attention_packed{suffix}")(_packed_fake)
+    torch.library.register_fake(f"vitops::attention_packed_backward{suffix}")(_packed_backward_fake)
+    torch.library.register_autograd(
+        f"vitops::attention{suffix}",
+        _make_backward(getattr(ops, f"attention_backward{suffix}")),
+        setup_context=_setup_context,
+    )
+    torch.library.register_autograd(
+        f"vitops::attention_packed{suffix}",
+        _make_packed_backward(getattr(ops, f"attention_packed_backward{suffix}")),
+        setup_context=_packed_setup_context,
+    )
+
+
+# --- reference implementations of the compiled ops (their CPU key, and CUDA without Triton) ---------------------
+
+
+def _reference_attention(q, k, v, scale):
+    out, lse = reference.attention_forward(q, k, v, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def _reference_attention_backward(grad_out, q, k, v, out, lse, scale):
+    return tuple(g.contiguous() for g in reference.attention_backward(grad_out, q, k, v, out, lse, scale))
+
+
+def _reference_packed(qkv, num_heads, scale):
+    q, k, v = reference.split_packed_qkv(qkv, num_heads)
+    out, lse = reference.attention_forward(q, k, v, scale)
+    return out.transpose(1, 2).flatten(2).contiguous(), lse.contiguous()
+
+
+def _reference_packed_backward(grad_out, qkv, out, lse, num_heads, scale):
+    q, k, v = reference.split_packed_qkv(qkv, num_heads)
+    go = grad_out.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    o = out.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    grads = reference.attention_backward(go, q, k, v, o, lse, scale)
+    return torch.cat([g.transpose(1, 2).flatten(2) for g in grads], dim=-1).contiguous()
+
+
+_IMPLS = {
+    "attention": ("attention_triton", _reference_attention),
+    "attention_backward": ("attention_backward_triton", _reference_attention_backward),
+    "attention_packed": ("attention_packed_triton", _reference_packed),
+    "attention_packed_backward": ("attention_packed_backward_triton", _reference_packed_backward),
+}
+# Where vitops._C brought no kernel (there is no compiled attention kernel yet), the compiled op runs the Triton
+# kernels on CUDA and the reference on CPU, so torch.ops.vitops.attention* works whatever was built.
+for _key in _extension.DISPATCH_KEYS:
+    for _op, (_triton_name, _ref_impl) in _IMPLS.items():
+        if not _extension.has_compiled_kernel(_op, _key):
+            use_triton = _key == "CUDA" and _triton is not None
+            torch.library.impl(f"vitops::{_op}", _key)(getattr(_triton, _triton_name) if use_triton else _ref_impl)
+
+_register("")
+if _triton is not None:
+    _register("_triton")
+
+
+# --- public API -----------------------------------------------------------------------------------------------
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """softmax(q @ k^T * scale) @ v, like `F.scaled_dot_product_attention(q, k, v, scale=scale)` without a mask
+    or dropout.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D). Same dtype (float16, bfloat16, float32 or float64) and device.
+            Any strides as long as the last dim is contiguous: views into a packed qkv are read in place.
+            D <= 256; any N >= 1.
+        scale: softmax scale, D ** -0.5 by default.
+
+    Returns:
+        Contiguous (B, H, Nq, D) in q's dtype. Differentiable in q, k and v.
+    """
+    check_qkv(q, k, v)
+    backend = _backend.backend_for("attention", q.device.type)
+    if backend == "torch":
+        return reference.attention_forward(q, k, v, scale)[0]
+    if backend == "triton":
+        return torch.ops.vitops.attention_triton(q, k, v, scale)[0]
+    return torch.ops.vitops.attention(q, k, v, scale)[0]
+
+
+def attention_packed(qkv: Tensor, num_heads: int, *, scale: float | None = None) -> Tensor:
+    """Multi-head attention of a qkv Linear's raw output: what timm's Attention computes between `qkv` and `proj`.
+
+    Args:
+        qkv: (B, N, 3 * num_heads * D), laid out as qkv.reshape(B, N, 3, num_heads, D) (timm's order); the last
+            dim must be contiguous. float16, bfloat16, float32 or float64. D <= 256; any N >= 1.
+        num_heads: H.
+        scale: softmax scale, D ** -0.5 by default.
+
+    Returns:
+        Contiguous (B, N, H * D) in qkv's dtype. Its backward writes one packed (B, N, 3 * H * D) gradient.
+    """
+    check_packed(qkv, num_heads)
+    backend = _backend.backend_for("attention_packed", qkv.device.type)
+    if backend == "torch":
+        q, k, v = reference.split_packed_qkv(qkv, num_heads)
+        return reference.attention_forward(q, k, v, scale)[0].transpose(1, 2).flatten(2)
+    if backend == "triton":
+        return torch.ops.vitops.attention_packed_triton(qkv, num_heads, scale)[0]
+    return torch.ops.vitops.attention_packed(qkv, num_heads, scale)[0]
