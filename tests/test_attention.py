@@ -353,3 +353,19 @@ def test_patched_tiny_vit_trains_on_each_backend():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for g, w in zip(grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,d,dtype", [(300, 64, torch.float16), (40, 160, torch.bfloat16), (33, 64, torch.float32)])
+def test_compiled_cuda_op_outside_its_kernel_range(n, d, dtype):
+    """The compiled op's CUDA key must be right for any input: outside the short-sequence kernel's range it runs
+    its math fallback (the public functions send such inputs to Triton instead)."""
+    qkv = make_qkv(2, 2, n, d, dtype, "cuda")
+    out, _ = torch.ops.vitops.attention_packed(qkv, 2, None)
+    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    qkv64 = qkv.detach().double().requires_grad_()
+    want = reference_fn(qkv64, 2)
+    (want_grad,) = torch.autograd.grad(want, qkv64, torch.ones_like(want))
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=5e-2, atol=5e-2)

@@ -11,11 +11,17 @@ Both are custom ops (torch.ops.vitops.attention / attention_packed) returning (o
 autograd: the forward keeps the per-row log-sum-exp, and the backward is its own op
 (attention_backward / attention_packed_backward) that recomputes the probabilities, FlashAttention style.
 
-Backends: "triton" (CUDA tensors, or CPU under TRITON_INTERPRET=1) and "torch" (the reference: plain PyTorch,
-differentiated by autograd). There is no compiled CUDA or C++ kernel yet: the compiled ops' CUDA key runs the
-Triton kernels and their CPU key runs the reference. Precision: float16/bfloat16 compute in float32 and round
-once; float32 runs the Triton kernels with IEEE float32 dots; float64 always goes through the reference in
-float64 (on every backend). head_dim up to 256 is supported; larger head_dim is an error.
+Backends:
+- "cuda": csrc/cuda/attention.cu, a short-sequence design (one head's K and V in shared memory, single-pass
+  softmax) for Nq, Nk <= 256, head_dim <= 128, float16/bfloat16. NEVER RUN YET: it was written and compiled
+  without a GPU. Inputs outside that range are sent to the Triton kernels by `attention`/`attention_packed`
+  (the compiled op itself runs an ATen math fallback for them).
+- "triton": FlashAttention-2 style kernels for any N (CUDA tensors, or CPU under TRITON_INTERPRET=1).
+- "torch": the reference, plain PyTorch differentiated by autograd.
+Where vitops._C has no CUDA kernel the compiled ops' CUDA key runs the Triton kernels; their CPU key always runs
+the reference. Precision: float16/bfloat16 compute in float32 and round once; float32 runs the Triton kernels
+with IEEE float32 dots; float64 always goes through the reference in float64 (on every backend). head_dim up to
+256 is supported; larger head_dim is an error.
 """
 from __future__ import annotations
 
@@ -225,6 +231,28 @@ if _triton is not None:
 
 # --- public API -----------------------------------------------------------------------------------------------
 
+CUDA_KERNEL_MAX_N = 256
+CUDA_KERNEL_MAX_HEAD_DIM = 128
+
+
+def cuda_kernel_fits(nq: int, nk: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether the compiled short-sequence CUDA kernel is meant for these inputs (see csrc/cuda/attention.cu)."""
+    return (
+        dtype in (torch.float16, torch.bfloat16)
+        and nq <= CUDA_KERNEL_MAX_N
+        and nk <= CUDA_KERNEL_MAX_N
+        and head_dim <= CUDA_KERNEL_MAX_HEAD_DIM
+    )
+
+
+def _use_triton_instead(op: str, backend: str, nq: int, nk: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """The "cuda" backend hands inputs its kernel was not designed for to the Triton kernels, when they can run."""
+    return (
+        backend == "cuda"
+        and not cuda_kernel_fits(nq, nk, head_dim, dtype)
+        and _backend._AVAILABILITY[op]["cuda"]["triton"] is None
+    )
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """softmax(q @ k^T * scale) @ v, like `F.scaled_dot_product_attention(q, k, v, scale=scale)` without a mask
@@ -243,7 +271,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     backend = _backend.backend_for("attention", q.device.type)
     if backend == "torch":
         return reference.attention_forward(q, k, v, scale)[0]
-    if backend == "triton":
+    if backend == "triton" or _use_triton_instead("attention", backend, q.shape[2], k.shape[2], q.shape[3], q.dtype):
         return torch.ops.vitops.attention_triton(q, k, v, scale)[0]
     return torch.ops.vitops.attention(q, k, v, scale)[0]
 
@@ -265,6 +293,7 @@ def attention_packed(qkv: Tensor, num_heads: int, *, scale: float | None = None)
     if backend == "torch":
         q, k, v = reference.split_packed_qkv(qkv, num_heads)
         return reference.attention_forward(q, k, v, scale)[0].transpose(1, 2).flatten(2)
-    if backend == "triton":
+    n, d = qkv.shape[1], qkv.shape[2] // (3 * num_heads)
+    if backend == "triton" or _use_triton_instead("attention_packed", backend, n, n, d, qkv.dtype):
         return torch.ops.vitops.attention_packed_triton(qkv, num_heads, scale)[0]
     return torch.ops.vitops.attention_packed(qkv, num_heads, scale)[0]
