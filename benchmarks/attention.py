@@ -1,20 +1,19 @@
 """Attention benchmark: vitops.ops.attention_packed against PyTorch's SDPA backends and torch.compile of timm's
 attention core, at ViT/DeiT shapes (head_dim 64).
 
-`run(device, quick)` returns rows {"op", "case", "provider", "mode", "ms", "tflops", "pct_sol"}. pct_sol is the
-speed-of-light time (the larger of the FLOP time at peak tensor throughput and the time to move the minimum bytes
-at peak memory bandwidth) over the measured time, in percent, for GPUs whose peaks are known (else None).
+`run(device, quick)` returns harness rows {"op", "case", "provider", "mode", "ms", "gbps", "tflops", "pct_sol",
+"speedup_vs_sdpa_flash"}: speed-of-light is the larger of the FLOPs at the peak tensor rate and the minimal bytes
+(qkv, out and lse forward; qkv, out, grad_out and lse in and grad_qkv out backward) at the copy bandwidth.
 On CPU only a tiny case runs (the reference and SDPA's math path): the Triton kernels need a GPU, and the
 interpreter measures nothing useful.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 import vitops
+from benchmarks import harness
 from vitops.ops import attention_packed
 
 # (name, B, N, H, D): DeiT/ViT-S and ViT-B at 224 px (197 tokens), ViT-B at 384 px (577), ViT-B/32 (50).
@@ -25,17 +24,6 @@ CASES = [
     ("vit_b/32 N=50 B=1024", 1024, 50, 12, 64),
 ]
 QUICK_CASES = CASES[1:2]
-# Dense fp16/bf16 tensor TFLOPS and memory GB/s, by device-name substring.
-PEAKS = {"H200": (989.0, 4800.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0)}
-
-
-def _peaks(device: str):
-    if device != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    if "H100" in name and "PCIe" in name:
-        return 756.0, 2000.0
-    return next((v for k, v in PEAKS.items() if k in name), None)
 
 
 def _flops(b, n, h, d, mode):
@@ -49,25 +37,6 @@ def _bytes(b, n, h, d, mode, item):
     fwd = 4 * x + lse  # read qkv, write out and lse
     bwd = 3 * x + 2 * x + lse + 3 * x  # read qkv, out, grad_out, lse; write grad_qkv
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
-def _time_ms(fn, device, quick):
-    reps = 5 if quick else 25
-    fn()  # compile / autotune / warm up
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def _sdpa_core(qkv, h):
@@ -119,7 +88,6 @@ def run(device: str, quick: bool) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = [("vit_s N=197 B=2", 2, 197, 6, 64)] if device == "cpu" else (QUICK_CASES if quick else CASES)
     modes = ("fwd",) if device == "cpu" else ("fwd", "fwd+bwd")
-    peaks = _peaks(device)
     rows = []
     for case, b, n, h, d in cases:
         qkv = torch.randn(b, n, 3 * h * d, device=device, dtype=dtype, requires_grad=True)
@@ -127,23 +95,23 @@ def run(device: str, quick: bool) -> list[dict]:
         for provider, fn in _providers(device):
             for mode in modes:
                 if mode == "fwd":
-                    step = lambda: fn(qkv, h)  # noqa: E731
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn(qkv, h)
                 else:
-                    step = lambda: torch.autograd.grad(fn(qkv, h), qkv, grad)  # noqa: E731
+                    def step(fn=fn):
+                        return torch.autograd.grad(fn(qkv, h), qkv, grad)
                 try:
-                    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-                        ms = _time_ms(step, device, quick)
+                    ms = harness.measure_ms(step, device, quick)
                 except Exception as error:  # e.g. an SDPA backend that does not take these inputs
                     rows.append({"op": "attention", "case": case, "provider": provider, "mode": mode,
-                                 "ms": None, "tflops": None, "pct_sol": None, "error": str(error)[:200]})  # fmt: skip
+                                 "error": str(error).splitlines()[0][:160]})  # fmt: skip
                     continue
-                flops = _flops(b, n, h, d, mode)
-                pct = None
-                if peaks is not None:
-                    sol_s = max(flops / (peaks[0] * 1e12), _bytes(b, n, h, d, mode, qkv.element_size()) / (peaks[1] * 1e9))
-                    pct = round(100.0 * sol_s / (ms * 1e-3), 1)
-                rows.append({"op": "attention", "case": case, "provider": provider, "mode": mode,
-                             "ms": round(ms, 4), "tflops": round(flops / (ms * 1e-3) / 1e12, 2), "pct_sol": pct})  # fmt: skip
+                rows.append(harness.row(
+                    op="attention", case=case, provider=provider, mode=mode, ms=ms, device=device, quick=quick,
+                    bytes_moved=_bytes(b, n, h, d, mode, qkv.element_size()), flops=_flops(b, n, h, d, mode),
+                ))  # fmt: skip
+    harness.add_speedups(rows, "sdpa flash" if device == "cuda" else "sdpa math")
     return rows
 
 

@@ -29,6 +29,14 @@ TORCH_LIBRARY(vitops, m) {
   m.def(
       "attention_packed_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
       "float? scale) -> Tensor");
+
+  // Folds an inference-mode BatchNorm into the convolution before it: returns (fused_weight, fused_bias) with
+  // fused_weight = weight * bn_weight / sqrt(running_var + eps) per output channel and
+  // fused_bias = (bias - running_mean) * bn_weight / sqrt(running_var + eps) + bn_bias. A missing bias is 0, a
+  // missing bn_weight 1 and bn_bias 0. The per-channel tensors are float32 (float64 for a float64 weight).
+  m.def(
+      "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
+      "Tensor? bn_bias, float eps) -> (Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

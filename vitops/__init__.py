@@ -3,7 +3,19 @@ from vitops import ops, layers  # noqa: F401  (importing ops registers every cus
 from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
 from vitops.patch import PatchReport, patch_model
+from vitops.reparam import ReparamReport, reparameterize
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "PatchReport", "backend_info", "layers", "ops", "patch_model", "use_backend", "__version__"]
+__all__ = [
+    "BACKENDS",
+    "PatchReport",
+    "ReparamReport",
+    "backend_info",
+    "layers",
+    "ops",
+    "patch_model",
+    "reparameterize",
+    "use_backend",
+    "__version__",
+]

@@ -25,6 +25,10 @@ SCHEMAS = {
         "attention_packed_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
         "float? scale) -> Tensor"
     ),
+    "fuse_conv_bn": (
+        "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
+        "Tensor? bn_bias, float eps) -> (Tensor, Tensor)"
+    ),
 }
 
 try:

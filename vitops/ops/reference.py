@@ -142,3 +142,34 @@ def attention_packed(qkv: Tensor, num_heads: int, scale: float | None = None) ->
     between its qkv and proj Linears (in the input's own dtype)."""
     q, k, v = split_packed_qkv(qkv, num_heads)
     return attention(q, k, v, scale).transpose(1, 2).flatten(2)
+
+
+# --- conv-BN fusion -----------------------------------------------------------------------------------------
+
+
+def fuse_conv_bn(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Folds an inference-mode BatchNorm into the convolution before it. Returns (fused_weight, fused_bias):
+    `fused_weight = weight * bn_weight / sqrt(running_var + eps)` per output channel (dim 0) and
+    `fused_bias = (bias - running_mean) / sqrt(running_var + eps) * bn_weight + bn_bias`, where a missing bias
+    is 0, a missing bn_weight 1 and a missing bn_bias 0. Computed in float32 (float64 for a float64 weight),
+    both results in the weight's dtype. Differentiable in every tensor argument."""
+    acc = accumulate_dtype(weight.dtype)
+    inv_std = torch.rsqrt(running_var.to(acc) + eps)
+    gamma = bn_weight.to(acc) if bn_weight is not None else None
+    scale = inv_std if gamma is None else gamma * inv_std
+    fused_weight = weight.to(acc) * scale.view((-1,) + (1,) * (weight.ndim - 1))
+    centred = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
+    fused_bias = centred * inv_std
+    if gamma is not None:
+        fused_bias = fused_bias * gamma
+    if bn_bias is not None:
+        fused_bias = fused_bias + bn_bias.to(acc)
+    return fused_weight.to(weight.dtype).contiguous(), fused_bias.to(weight.dtype)

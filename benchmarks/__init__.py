@@ -1,0 +1,1 @@
+"""The vitops microbenchmark suite: `python -m benchmarks` (or `make bench`)."""

@@ -1,0 +1,22 @@
+"""The compiled extension is there when it should be. A broken build must fail the suite, not quietly skip
+every compiled-backend test."""
+import os
+import shutil
+
+import pytest
+import torch
+
+from vitops import _extension
+
+
+@pytest.mark.skipif(os.environ.get("VITOPS_BUILD_CUDA") == "skip-ext", reason="extension deliberately not built")
+def test_extension_loaded():
+    assert _extension.LOAD_ERROR is None, _extension.LOAD_ERROR
+
+
+def test_cuda_kernels_built_where_possible():
+    cuda_home = os.environ.get("CUDA_HOME") or ("/usr/local/cuda" if shutil.which("nvcc") else None)
+    buildable = torch.version.cuda is not None and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if not buildable or os.environ.get("VITOPS_BUILD_CUDA") == "0":
+        pytest.skip("no CUDA toolkit and CUDA torch here")
+    assert all(_extension.has_compiled_kernel(op, "CUDA") for op in _extension.SCHEMAS)
