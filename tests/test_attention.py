@@ -191,6 +191,11 @@ def test_bad_inputs_say_what_is_wrong():
         attention(q[0], q[0], q[0])
     with pytest.raises(TypeError, match="must be float16, bfloat16, float32 or float64"):
         attention(q.int(), q.int(), q.int())
+    # The ops themselves check too, whichever backend runs them.
+    with pytest.raises(ValueError, match="not 3 \\* num_heads \\* head_dim"):
+        torch.ops.vitops.attention_packed(torch.randn(1, 5, 50), 2, None)
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        torch.ops.vitops.attention_triton(big, big, big, None)
 
 
 def opcheck_samples(device, dtype):
@@ -369,3 +374,16 @@ def test_compiled_cuda_op_outside_its_kernel_range(n, d, dtype):
     (want_grad,) = torch.autograd.grad(want, qkv64, torch.ones_like(want))
     torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grad.double(), want_grad, rtol=5e-2, atol=5e-2)
+
+
+def test_patched_vit_compiles_fullgraph():
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+    vitops.patch_model(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), want, rtol=1e-4, atol=1e-4)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from vitops import _backend, _extension
 from vitops.ops import reference
+from vitops.ops._attention_checks import MAX_HEAD_DIM, check_packed, check_qkv  # noqa: F401
 
 try:
     from vitops.ops.triton import attention as _triton
@@ -39,69 +40,9 @@ except ImportError as error:  # triton missing or broken: the reference still wo
     _triton = None
     _TRITON_ERROR = f"Triton kernels failed to import: {error}"
 
-MAX_HEAD_DIM = 256
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _backend.register_op("attention", has_triton=True, triton_blocker=_TRITON_ERROR)
 _backend.register_op("attention_packed", has_triton=True, triton_blocker=_TRITON_ERROR)
-
-
-# --- checks shared by the public functions and the fake kernels -----------------------------------------------
-
-
-def _check_tensor(op: str, name: str, t: Tensor, ndim: int) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"vitops.{op}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"vitops.{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if t.ndim != ndim:
-        raise ValueError(f"vitops.{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(
-            f"vitops.{op}: {name}'s last dim must be contiguous (stride 1), got strides {tuple(t.stride())}; "
-            "call .contiguous() first"
-        )
-
-
-def _check_head_dim(op: str, d: int) -> None:
-    if d < 1 or d > MAX_HEAD_DIM:
-        raise ValueError(f"vitops.{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
-
-
-def _check_same(op: str, tensors: dict[str, Tensor]) -> None:
-    (first_name, first), *rest = tensors.items()
-    for name, t in rest:
-        if t.dtype != first.dtype:
-            raise TypeError(f"vitops.{op}: {first_name} is {first.dtype} but {name} is {t.dtype}")
-        if t.device != first.device:
-            raise ValueError(f"vitops.{op}: {first_name} is on {first.device} but {name} is on {t.device}")
-
-
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, op: str = "attention") -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(op, name, t, 4)
-    _check_same(op, {"q": q, "k": k, "v": v})
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"vitops.{op}: expected q (B, H, Nq, D) and k, v (B, H, Nk, D), got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
-        )
-    _check_head_dim(op, q.shape[-1])
-
-
-def check_packed(qkv: Tensor, num_heads: int, op: str = "attention_packed") -> int:
-    """Checks a packed qkv and returns its head_dim."""
-    _check_tensor(op, "qkv", qkv, 3)
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"vitops.{op}: num_heads must be a positive int, got {num_heads!r}")
-    c3 = qkv.shape[-1]
-    if c3 % (3 * num_heads) != 0 or c3 == 0:
-        raise ValueError(
-            f"vitops.{op}: qkv's last dim {c3} is not 3 * num_heads * head_dim for num_heads={num_heads}"
-        )
-    d = c3 // (3 * num_heads)
-    _check_head_dim(op, d)
-    return d
 
 
 # --- fake kernels, autograd -----------------------------------------------------------------------------------
@@ -188,6 +129,7 @@ def _register(suffix: str) -> None:
 
 
 def _reference_attention(q, k, v, scale):
+    check_qkv(q, k, v)
     out, lse = reference.attention_forward(q, k, v, scale)
     return out.contiguous(), lse.contiguous()
 
@@ -197,6 +139,7 @@ def _reference_attention_backward(grad_out, q, k, v, out, lse, scale):
 
 
 def _reference_packed(qkv, num_heads, scale):
+    check_packed(qkv, num_heads)
     q, k, v = reference.split_packed_qkv(qkv, num_heads)
     out, lse = reference.attention_forward(q, k, v, scale)
     return out.transpose(1, 2).flatten(2).contiguous(), lse.contiguous()

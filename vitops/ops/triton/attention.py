@@ -24,10 +24,10 @@ import triton.language as tl
 from torch import Tensor
 
 from vitops.ops import reference
+from vitops.ops._attention_checks import check_packed, check_qkv
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-MAX_HEAD_DIM = 256
 INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -268,6 +268,7 @@ def packed_views(packed: Tensor, num_heads: int, parts: int) -> list[Tensor]:
 
 @torch.library.custom_op("vitops::attention_triton", mutates_args=())
 def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> tuple[Tensor, Tensor]:
+    check_qkv(q, k, v, "attention_triton")
     if q.dtype == torch.float64:
         out, lse = reference.attention_forward(q, k, v, scale)
         return out.contiguous(), lse.contiguous()
@@ -293,6 +294,7 @@ def attention_backward_triton(
 
 @torch.library.custom_op("vitops::attention_packed_triton", mutates_args=())
 def attention_packed_triton(qkv: Tensor, num_heads: int, scale: Optional[float]) -> tuple[Tensor, Tensor]:
+    check_packed(qkv, num_heads, "attention_packed_triton")
     b, n, c3 = qkv.shape
     q, k, v = packed_views(qkv, num_heads, 3)
     if qkv.dtype == torch.float64:
