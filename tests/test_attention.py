@@ -17,7 +17,7 @@ BACKENDS = device_backend_params("attention")
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 # (B, H, N, D) for the interpreter: N in {1, 17, 50, 197}, batch 1, few heads, D 32 and 64.
-SMALL_CASES = [(1, 2, 1, 32), (1, 3, 17, 64), (1, 2, 50, 32), (1, 1, 197, 64), (3, 2, 67, 32), (1, 1, 257, 64)]
+SMALL_CASES = [(1, 2, 1, 32), (1, 3, 17, 64), (1, 2, 50, 32), (1, 1, 197, 64), (3, 2, 67, 32), (1, 1, 257, 64), (1, 1, 40, 128)]
 # The grid, on a GPU.
 FULL_CASES = list(itertools.product((1, 3), (3, 6, 12), (1, 17, 50, 197, 257, 577), (32, 64)))
 
