@@ -4,7 +4,7 @@ Every tensor is addressed through its (batch, head, token) strides with a contig
 views and the packed (B, N, 3*H*D) qkv Linear output are read in place, and the packed output (B, N, H*D) and
 gradient (B, N, 3*H*D) are written in place: no permute or contiguous copy on either side.
 
-- forward: one program per (query block, batch*head); online softmax over key blocks in float32, writes out and
+- forward: one program per (query block, batch*head), on a 1-D grid; online softmax over key blocks in float32, writes out and
   the natural-log log-sum-exp (lse) of each query row.
 - backward: two kernels. `_bwd_dq_kernel` (one program per query block) computes delta = rowsum(dO * O), stores
   it, and accumulates dQ over the key blocks; `_bwd_dkdv_kernel` (one program per key block) accumulates dK and
@@ -55,14 +55,22 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _program(n, BLOCK: tl.constexpr):
+    """(block index along the sequence, batch*head) of this program. The grid is 1-D (no 65535 limit on B*H) and
+    a head's blocks are adjacent, so they share its K and V (or Q and dO) in the L2."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(n, BLOCK)
+    return pid % blocks, (pid // blocks).to(tl.int64)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     H, NQ, NK, D, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _program(NQ, BLOCK_M)
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,8 +116,7 @@ def _bwd_dq_kernel(
     H, NQ, NK, D, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _program(NQ, BLOCK_M)
     b = bh // H
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -152,8 +159,7 @@ def _bwd_dkdv_kernel(
     H, NQ, NK, D, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_n, bh = _program(NK, BLOCK_N)
     b = bh // H
     h = bh % H
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -217,7 +223,7 @@ def forward_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scal
     block_d = max(16, triton.next_power_of_2(d))
     block_m = _block(nq, 128 if block_d <= 64 else 64)
     block_n = _block(nk, 64)
-    grid = (triton.cdiv(nq, block_m), b * h)
+    grid = (triton.cdiv(nq, block_m) * b * h,)
     _fwd_kernel[grid](
         q, k, v, out, lse, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
         h, nq, nk, d, scale * LOG2E,
@@ -242,13 +248,13 @@ def backward_into(
     block_n = _block(nk, 64)
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
     ieee = q.dtype == torch.float32
-    _bwd_dq_kernel[(triton.cdiv(nq, block_m), b * h)](
+    _bwd_dq_kernel[(triton.cdiv(nq, block_m) * b * h,)](
         q, k, v, out, grad_out, lse, delta, dq,
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(grad_out), *_bhn(dq),
         h, nq, nk, d, scale, scale * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=ieee, num_warps=_warps(block_d),
     )  # fmt: skip
-    _bwd_dkdv_kernel[(triton.cdiv(nk, block_n), b * h)](
+    _bwd_dkdv_kernel[(triton.cdiv(nk, block_n) * b * h,)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(grad_out), *_bhn(dk), *_bhn(dv),
         h, nq, nk, d, scale, scale * LOG2E,
