@@ -4,8 +4,8 @@ attention core, at ViT/DeiT shapes (head_dim 64).
 `run(device, quick)` returns harness rows {"op", "case", "provider", "mode", "ms", "gbps", "tflops", "pct_sol",
 "speedup_vs_sdpa_flash"}: speed-of-light is the larger of the FLOPs at the peak tensor rate and the minimal bytes
 (qkv, out and lse forward; qkv, out, grad_out and lse in and grad_qkv out backward) at the copy bandwidth.
-On CPU only a tiny case runs (the reference and SDPA's math path): the Triton kernels need a GPU, and the
-interpreter measures nothing useful.
+On CPU only a tiny forward case runs (vitops' "torch" backend against plain SDPA): the Triton and CUDA kernels
+need a GPU, and the interpreter measures nothing useful.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _providers(device: str):
             out.append((f"sdpa {label}", fn))
         out.append(("torch.compile timm core", torch.compile(_timm_eager_core)))
     else:
-        out.append(("sdpa math", _sdpa_core))
+        out.append(("sdpa", _sdpa_core))
     return out
 
 
@@ -111,7 +111,7 @@ def run(device: str, quick: bool) -> list[dict]:
                     op="attention", case=case, provider=provider, mode=mode, ms=ms, device=device, quick=quick,
                     bytes_moved=_bytes(b, n, h, d, mode, qkv.element_size()), flops=_flops(b, n, h, d, mode),
                 ))  # fmt: skip
-    harness.add_speedups(rows, "sdpa flash" if device == "cuda" else "sdpa math")
+    harness.add_speedups(rows, "sdpa flash" if device == "cuda" else "sdpa")
     return rows
 
 

@@ -19,7 +19,7 @@ Backends:
   VITOPS_BACKEND=cuda): see CUDA_KERNEL_BY_DEFAULT. Inputs outside its range are sent to the Triton kernels by
   `attention`/`attention_packed` (the compiled op itself runs an ATen math fallback for them).
 - "triton": FlashAttention-2 style kernels for any N (CUDA tensors, or CPU under TRITON_INTERPRET=1).
-- "torch": the reference, plain PyTorch differentiated by autograd.
+- "torch": PyTorch's SDPA, differentiated by autograd (the ops' CPU key runs vitops.ops.reference, the spec).
 Where vitops._C has no CUDA kernel the compiled ops' CUDA key runs the Triton kernels; their CPU key always runs
 the reference. Precision: float16/bfloat16 compute in float32 and round once; float32 runs the Triton kernels
 with IEEE float32 dots; float64 always goes through the reference in float64 (on every backend). head_dim up to
@@ -220,6 +220,13 @@ def _use_triton_instead(op: str, backend: str, nq: int, nk: int, head_dim: int, 
     )
 
 
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """The "torch" backend: PyTorch's own fused attention (SDPA, which also computes half precision in float32),
+    differentiated by autograd. It is what a model runs where no vitops kernel can (e.g. on the CPU), so it is
+    SDPA rather than the much slower math of vitops.ops.reference, which remains the specification."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=reference.attention_scale(q.shape[-1], scale))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """softmax(q @ k^T * scale) @ v, like `F.scaled_dot_product_attention(q, k, v, scale=scale)` without a mask
     or dropout.
@@ -236,7 +243,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     check_qkv(q, k, v)
     backend = pick_backend("attention", q.device.type)
     if backend == "torch":
-        return reference.attention_forward(q, k, v, scale)[0]
+        return _torch_attention(q, k, v, scale)
     if backend == "triton" or _use_triton_instead("attention", backend, q.shape[2], k.shape[2], q.shape[3], q.dtype):
         return torch.ops.vitops.attention_triton(q, k, v, scale)[0]
     return torch.ops.vitops.attention(q, k, v, scale)[0]
@@ -258,7 +265,7 @@ def attention_packed(qkv: Tensor, num_heads: int, *, scale: float | None = None)
     backend = pick_backend("attention_packed", qkv.device.type)
     if backend == "torch":
         q, k, v = reference.split_packed_qkv(qkv, num_heads)
-        return reference.attention_forward(q, k, v, scale)[0].transpose(1, 2).flatten(2)
+        return _torch_attention(q, k, v, scale).transpose(1, 2).flatten(2)
     n, d = qkv.shape[1], qkv.shape[2] // (3 * num_heads)
     if backend == "triton" or _use_triton_instead("attention_packed", backend, n, n, d, qkv.dtype):
         return torch.ops.vitops.attention_packed_triton(qkv, num_heads, scale)[0]
