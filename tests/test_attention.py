@@ -406,3 +406,23 @@ def test_cuda_kernel_runs_only_when_forced(monkeypatch):
         assert attention_module.pick_backend("attention", "cuda") == "cuda"
     monkeypatch.setattr(attention_module, "CUDA_KERNEL_BY_DEFAULT", True)
     assert attention_module.pick_backend("attention", "cuda") == "cuda"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_patched_vit_small_on_gpu_matches_timm(backend):
+    timm = pytest.importorskip("timm")
+    reason = vitops._backend.availability()["attention_packed"]["cuda"][backend]
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False).cuda().eval()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = model(x).float()
+        report = vitops.patch_model(model)
+        with vitops.use_backend(backend):
+            got = model(x).float()
+    assert report.counts()["Attention"] == 12
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
