@@ -21,9 +21,11 @@ Backends:
 - "triton": FlashAttention-2 style kernels for any N (CUDA tensors, or CPU under TRITON_INTERPRET=1).
 - "torch": PyTorch's SDPA, differentiated by autograd (the ops' CPU key runs vitops.ops.reference, the spec).
 Where vitops._C has no CUDA kernel the compiled ops' CUDA key runs the Triton kernels; their CPU key always runs
-the reference. Precision: float16/bfloat16 compute in float32 and round once; float32 runs the Triton kernels
-with IEEE float32 dots; float64 always goes through the reference in float64 (on every backend). head_dim up to
-256 is supported; larger head_dim is an error.
+the reference. Precision: float16/bfloat16 accumulate in float32 (the Triton kernels round P and dS to the input
+dtype for the tensor-core dots, as FlashAttention does; the CUDA kernel keeps them in float32); float32 runs the
+Triton kernels with IEEE float32 dots (the compiled CUDA op: its ATen math fallback); float64 runs in float64
+through the reference math (SDPA on the "torch" backend). Any N >= 1; head_dim up to 256 (Triton pads it to a
+power of two >= 16 and masks); larger head_dim is an error.
 """
 from __future__ import annotations
 
