@@ -426,3 +426,17 @@ def test_patched_vit_small_on_gpu_matches_timm(backend):
             got = model(x).float()
     assert report.counts()["Attention"] == 12
     assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_expanded_and_transposed_upstream_gradients(device, backend):
+    """`out.sum().backward()` hands the backward an expanded (stride 0) gradient, a transpose a strided one."""
+    qkv = make_qkv(2, 2, 9, 16, torch.float32, device)
+    q, k, v = reference.split_packed_qkv(qkv, 2)
+    with vitops.use_backend(backend):
+        (packed_grad,) = torch.autograd.grad(attention_packed(qkv, 2).sum(), qkv)
+        (strided_grad,) = torch.autograd.grad(attention(q, k, v).transpose(-1, -2).sum(0).square().sum(), qkv)
+    (want_packed,) = torch.autograd.grad(reference_fn(qkv, 2).sum(), qkv)
+    (want_strided,) = torch.autograd.grad(reference.attention(q, k, v).transpose(-1, -2).sum(0).square().sum(), qkv)
+    torch.testing.assert_close(packed_grad, want_packed, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(strided_grad, want_strided, rtol=1e-4, atol=1e-5)
