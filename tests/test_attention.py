@@ -17,7 +17,9 @@ BACKENDS = device_backend_params("attention")
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 # (B, H, N, D) for the interpreter: N in {1, 17, 50, 197}, batch 1, few heads, D 32 and 64.
-SMALL_CASES = [(1, 2, 1, 32), (1, 3, 17, 64), (1, 2, 50, 32), (1, 1, 197, 64), (3, 2, 67, 32), (1, 1, 257, 64), (1, 1, 40, 128)]
+SMALL_CASES = [
+    (1, 2, 1, 32), (1, 3, 17, 64), (1, 2, 50, 32), (1, 1, 197, 64), (3, 2, 67, 32), (1, 1, 257, 64), (1, 1, 40, 128)
+]
 # The issue's grid, on a GPU.
 FULL_CASES = list(itertools.product((1, 3), (3, 6, 12), (1, 17, 50, 197, 257, 577), (32, 64)))
 
@@ -83,7 +85,9 @@ def test_flash_rule_small(device, backend, dtype, case, packed):
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", FULL_CASES + [(2, 4, 197, 128), (2, 3, 77, 40)], ids=lambda c: "B{}H{}N{}D{}".format(*c))
+@pytest.mark.parametrize(
+    "case", FULL_CASES + [(2, 4, 197, 128), (2, 3, 77, 40)], ids=lambda c: "B{}H{}N{}D{}".format(*c)
+)
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "strided"])
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -216,7 +220,9 @@ def test_opcheck(device, backend):
         torch.library.opcheck(getattr(ops, f"attention_packed{suffix}"), (qkv.requires_grad_(), 2, 0.5))
         qkv, q, k, v = opcheck_samples(device, dtype)
         out, lse = getattr(ops, f"attention{suffix}")(q, k, v, None)
-        torch.library.opcheck(getattr(ops, f"attention_backward{suffix}"), (torch.ones_like(out), q, k, v, out, lse, None))
+        torch.library.opcheck(
+            getattr(ops, f"attention_backward{suffix}"), (torch.ones_like(out), q, k, v, out, lse, None)
+        )
         out, lse = getattr(ops, f"attention_packed{suffix}")(qkv, 2, None)
         torch.library.opcheck(
             getattr(ops, f"attention_packed_backward{suffix}"), (torch.ones_like(out), qkv, out, lse, 2, None)
@@ -298,7 +304,8 @@ def test_layer_attn_drop_in_training_takes_sdpa_with_dropout(monkeypatch):
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 9, 32)
     calls = []
-    monkeypatch.setattr("vitops.layers.attention.attention_packed", lambda *a, **k: calls.append(a) or attention_packed(*a, **k))
+    spy = lambda *a, **k: calls.append(a) or attention_packed(*a, **k)  # noqa: E731
+    monkeypatch.setattr("vitops.layers.attention.attention_packed", spy)
     torch.manual_seed(5)
     got = ours(x)
     torch.manual_seed(5)
@@ -340,7 +347,7 @@ def test_patch_vit_small_and_revert():
 def test_patched_tiny_vit_trains_on_each_backend():
     """A small timm ViT (17 tokens), patched, runs forward and backward on every backend available here and
     matches the unpatched model."""
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -377,7 +384,7 @@ def test_compiled_cuda_op_outside_its_kernel_range(n, d, dtype):
 
 
 def test_patched_vit_compiles_fullgraph():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional, Type
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -113,7 +112,8 @@ class Attention(nn.Module):
             x = attention_packed(qkv, self.num_heads, scale=self.scale)
         else:
             q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-            x = attention(_last_dim_contiguous(self.q_norm(q)), _last_dim_contiguous(self.k_norm(k)), v, scale=self.scale)
+            q, k = _last_dim_contiguous(self.q_norm(q)), _last_dim_contiguous(self.k_norm(k))
+            x = attention(q, k, v, scale=self.scale)
             x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         x = self.norm(x)
         if gate is not None:

@@ -226,7 +226,8 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Te
     """The "torch" backend: PyTorch's own fused attention (SDPA, which also computes half precision in float32),
     differentiated by autograd. It is what a model runs where no vitops kernel can (e.g. on the CPU), so it is
     SDPA rather than the much slower math of vitops.ops.reference, which remains the specification."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=reference.attention_scale(q.shape[-1], scale))
+    scale = reference.attention_scale(q.shape[-1], scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:

@@ -4,8 +4,8 @@ Every tensor is addressed through its (batch, head, token) strides with a contig
 views and the packed (B, N, 3*H*D) qkv Linear output are read in place, and the packed output (B, N, H*D) and
 gradient (B, N, 3*H*D) are written in place: no permute or contiguous copy on either side.
 
-- forward: one program per (query block, batch*head), on a 1-D grid; online softmax over key blocks in float32, writes out and
-  the natural-log log-sum-exp (lse) of each query row.
+- forward: one program per (query block, batch*head), on a 1-D grid; online softmax over key blocks in float32,
+  writes out and the natural-log log-sum-exp (lse) of each query row.
 - backward: two kernels. `_bwd_dq_kernel` (one program per query block) computes delta = rowsum(dO * O), stores
   it, and accumulates dQ over the key blocks; `_bwd_dkdv_kernel` (one program per key block) accumulates dK and
   dV over the query blocks, recomputing P = exp(S - lse). No atomics: the gradients are deterministic.
