@@ -398,21 +398,16 @@ def test_patched_vit_compiles_fullgraph():
 
 def test_cuda_kernel_runs_only_when_forced(monkeypatch):
     """Until it has run on a GPU, the compiled CUDA kernel is never the default: Triton is, where it can run."""
-    import importlib
-
     from vitops import _backend
-
-    attention_module = importlib.import_module("vitops.ops.attention")  # the module, not the function
 
     table = {b: None if b in ("cuda", "triton", "torch") else "no" for b in _backend.BACKENDS}
     monkeypatch.setitem(_backend._AVAILABILITY["attention"], "cuda", table)
     monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
-    assert _backend.backend_for("attention", "cuda") == "cuda"
-    assert attention_module.pick_backend("attention", "cuda") == "triton"
+    assert _backend.backend_for("attention", "cuda") == "triton"
     with vitops.use_backend("cuda"):
-        assert attention_module.pick_backend("attention", "cuda") == "cuda"
-    monkeypatch.setattr(attention_module, "CUDA_KERNEL_BY_DEFAULT", True)
-    assert attention_module.pick_backend("attention", "cuda") == "cuda"
+        assert _backend.backend_for("attention", "cuda") == "cuda"
+    monkeypatch.setitem(_backend._OP_PREFERENCE, "attention", {})
+    assert _backend.backend_for("attention", "cuda") == "cuda"
 
 
 @pytest.mark.cuda

@@ -16,7 +16,7 @@ Backends:
   softmax) for Nq, Nk <= 256, head_dim <= 128, float16/bfloat16. NEVER RUN ON A GPU YET: it was written and
   compiled without one, and its logic checked only by running the kernels' C++ on the CPU with one thread per
   CUDA thread (tests/test_attention_cuda_emulation.py). So it runs only when forced (`use_backend("cuda")`,
-  VITOPS_BACKEND=cuda): see CUDA_KERNEL_BY_DEFAULT. Inputs outside its range are sent to the Triton kernels by
+  VITOPS_BACKEND=cuda): see _CUDA_PREFERENCE. Inputs outside its range are sent to the Triton kernels by
   `attention`/`attention_packed` (the compiled op itself runs an ATen math fallback for them).
 - "triton": FlashAttention-2 style kernels for any N (CUDA tensors, or CPU under TRITON_INTERPRET=1).
 - "torch": PyTorch's SDPA, differentiated by autograd (the ops' CPU key runs vitops.ops.reference, the spec).
@@ -45,8 +45,13 @@ except ImportError as error:  # triton missing or broken: the reference still wo
     _TRITON_ERROR = f"Triton kernels failed to import: {error}"
 
 
-_backend.register_op("attention", has_triton=True, triton_blocker=_TRITON_ERROR)
-_backend.register_op("attention_packed", has_triton=True, triton_blocker=_TRITON_ERROR)
+# The compiled CUDA kernel has never run on a GPU, and it computes on CUDA cores where the Triton kernels use
+# tensor cores; so on CUDA tensors it runs only when asked for by name (`vitops.use_backend("cuda")` or
+# VITOPS_BACKEND=cuda), and by default the Triton kernels run. Drop this preference once it has been validated
+# and measured.
+_CUDA_PREFERENCE = {"cuda": ("triton", "cuda", "torch")}
+_backend.register_op("attention", has_triton=True, triton_blocker=_TRITON_ERROR, preference=_CUDA_PREFERENCE)
+_backend.register_op("attention_packed", has_triton=True, triton_blocker=_TRITON_ERROR, preference=_CUDA_PREFERENCE)
 
 
 # --- fake kernels, autograd -----------------------------------------------------------------------------------
@@ -192,27 +197,6 @@ def cuda_kernel_fits(nq: int, nk: int, head_dim: int, dtype: torch.dtype) -> boo
     )
 
 
-# The compiled CUDA kernel has never run on a GPU, and it computes on CUDA cores where the Triton kernels use
-# tensor cores; so on CUDA tensors it runs only when asked for by name (`vitops.use_backend("cuda")` or
-# VITOPS_BACKEND=cuda), and by default the Triton kernels run. Flip this once it has been validated and measured.
-CUDA_KERNEL_BY_DEFAULT = False
-
-
-def pick_backend(op: str, device_type: str) -> str:
-    """The backend that runs `op` ("attention" or "attention_packed") now: `_backend.backend_for`, except that the
-    CUDA kernel must be asked for by name while CUDA_KERNEL_BY_DEFAULT is False."""
-    backend = _backend.backend_for(op, device_type)
-    forced = bool(_backend._forced) or _backend._ENV_BACKEND is not None
-    if (
-        backend == "cuda"
-        and not forced
-        and not CUDA_KERNEL_BY_DEFAULT
-        and _backend._AVAILABILITY[op]["cuda"]["triton"] is None
-    ):
-        return "triton"
-    return backend
-
-
 def _use_triton_instead(op: str, backend: str, nq: int, nk: int, head_dim: int, dtype: torch.dtype) -> bool:
     """The "cuda" backend hands inputs its kernel was not designed for to the Triton kernels, when they can run."""
     return (
@@ -244,7 +228,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
         Contiguous (B, H, Nq, D) in q's dtype. Differentiable in q, k and v.
     """
     check_qkv(q, k, v)
-    backend = pick_backend("attention", q.device.type)
+    backend = _backend.backend_for("attention", q.device.type)
     if backend == "torch":
         return _torch_attention(q, k, v, scale)
     if backend == "triton" or _use_triton_instead("attention", backend, q.shape[2], k.shape[2], q.shape[3], q.dtype):
@@ -265,7 +249,7 @@ def attention_packed(qkv: Tensor, num_heads: int, *, scale: float | None = None)
         Contiguous (B, N, H * D) in qkv's dtype. Its backward writes one packed (B, N, 3 * H * D) gradient.
     """
     check_packed(qkv, num_heads)
-    backend = pick_backend("attention_packed", qkv.device.type)
+    backend = _backend.backend_for("attention_packed", qkv.device.type)
     if backend == "torch":
         q, k, v = reference.split_packed_qkv(qkv, num_heads)
         return _torch_attention(q, k, v, scale).transpose(1, 2).flatten(2)
