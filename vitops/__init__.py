@@ -3,11 +3,22 @@ from vitops import ops, layers  # noqa: F401  (importing ops registers every cus
 from vitops import optim, utils  # noqa: F401  (importing optim registers the optimizer-step ops)
 from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
+from vitops.patch import PatchReport, patch_model
 from vitops.reparam import ReparamReport, reparameterize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "ReparamReport", "backend_info", "layers", "ops", "optim", "reparameterize", "use_backend",
-    "utils", "__version__",
+    "BACKENDS",
+    "PatchReport",
+    "ReparamReport",
+    "backend_info",
+    "layers",
+    "ops",
+    "optim",
+    "patch_model",
+    "reparameterize",
+    "use_backend",
+    "utils",
+    "__version__",
 ]

@@ -21,6 +21,8 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 # op -> device type -> backend -> None if it can run, else why not.
 _AVAILABILITY: dict[str, dict[str, dict[str, str | None]]] = {}
+# op -> device type -> its own order of preference, where it differs from _PREFERENCE.
+_OP_PREFERENCE: dict[str, dict[str, tuple[str, ...]]] = {}
 _forced: list[str] = []
 _ENV_BACKEND = os.environ.get("VITOPS_BACKEND") or None
 
@@ -35,8 +37,16 @@ TRITON_BLOCKER = _triton_blocker()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def register_op(op: str, *, has_triton: bool, triton_blocker: str | None = None) -> None:
-    """Records where `op` can run. `triton_blocker` says why its Triton kernels failed to import, if they did."""
+def register_op(
+    op: str,
+    *,
+    has_triton: bool,
+    triton_blocker: str | None = None,
+    preference: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """Records where `op` can run. `triton_blocker` says why its Triton kernels failed to import, if they did;
+    `preference` (device type -> backends, best first) overrides the default order for this op."""
+    _OP_PREFERENCE[op] = dict(preference or {})
     table = {}
     for device_type in DEVICE_TYPES:
         key = device_type.upper()
@@ -70,7 +80,8 @@ def _check_name(backend: str) -> None:
 
 def default_backend(op: str, device_type: str) -> str:
     reasons = _AVAILABILITY[op][device_type]
-    return next(b for b in _PREFERENCE[device_type] if reasons[b] is None)
+    order = _OP_PREFERENCE[op].get(device_type, _PREFERENCE[device_type])
+    return next(b for b in order if reasons[b] is None)
 
 
 def backend_for(op: str, device_type: str) -> str:

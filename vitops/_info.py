@@ -37,7 +37,9 @@ def backend_info() -> dict:
         "forced_backend": _backend._forced[-1] if _backend._forced else _backend._ENV_BACKEND,
         "ops": {
             op: {
-                device_type: {"default": _backend.default_backend(op, device_type), "unavailable": {
+                device_type: {"default": _backend.default_backend(op, device_type), "order": list(
+                    _backend._OP_PREFERENCE[op].get(device_type, _backend._PREFERENCE[device_type])
+                ), "unavailable": {
                     b: reason for b, reason in reasons.items() if reason is not None
                 }}
                 for device_type, reasons in table.items()
@@ -62,7 +64,9 @@ def format_info(info: dict) -> str:
     for op, table in info["ops"].items():
         lines.append(f"\n{op}")
         for device_type, entry in table.items():
-            lines.append(f"  {device_type} tensors -> {entry['default']}")
+            others = [b for b in entry["order"] if b != entry["default"] and b not in entry["unavailable"]]
+            fallbacks = f" (then {', '.join(others)})" if others else ""
+            lines.append(f"  {device_type} tensors -> {entry['default']}{fallbacks}")
             for backend, reason in entry["unavailable"].items():
                 lines.append(f"      not {backend}: {reason}")
     return "\n".join(lines)

@@ -22,7 +22,11 @@ except ImportError as error:  # triton missing or broken: the other backends sti
 
 OPS = ("lamb_step", "adamp_step")
 for _op in OPS:
-    _backend.register_op(_op, has_triton=True, triton_blocker=_TRITON_ERROR)
+    # On CUDA the Triton kernels run by default; the compiled multi-tensor CUDA kernels, built but not yet run on
+    # a GPU, only when forced with use_backend("cuda").
+    _backend.register_op(
+        _op, has_triton=True, triton_blocker=_TRITON_ERROR, preference={"cuda": ("triton", "cuda", "torch")}
+    )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
