@@ -58,6 +58,19 @@ def _params(shapes, device):
     return params
 
 
+class _Forced:
+    """Runs an optimizer's step on one backend (the compiled CUDA kernels are not the default on GPUs yet)."""
+
+    def __init__(self, optimizer, backend: str):
+        self.optimizer, self.backend = optimizer, backend
+
+    def step(self):
+        import vitops
+
+        with vitops.use_backend(self.backend):
+            return self.optimizer.step()
+
+
 def _providers(device: str):
     """(op, provider, optimizer factory) for every implementation available here."""
     import vitops  # noqa: F401
@@ -69,6 +82,8 @@ def _providers(device: str):
                             ("adamp_step", AdamP, dict(weight_decay=0.05, wd_ratio=0.01, nesterov=True))):  # fmt: skip
         backend = _backend.default_backend(op, device)
         out.append((op, f"vitops {backend}", lambda p, cls=cls, kw=kwargs: cls(p, **kw)))
+        if device == "cuda" and backend != "cuda" and _backend.availability()[op]["cuda"]["cuda"] is None:
+            out.append((op, "vitops cuda (forced)", lambda p, cls=cls, kw=kwargs: _Forced(cls(p, **kw), "cuda")))
     try:
         import timm.optim as timm_optim
 
