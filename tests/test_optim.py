@@ -306,7 +306,9 @@ def _continue(opt, params, seed, steps=5):
         opt.step()
 
 
-@pytest.mark.parametrize("cls,kwargs", [(Lamb, dict(lr=1e-2, weight_decay=0.05)), (AdamP, dict(lr=1e-2, weight_decay=0.05))])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(Lamb, dict(lr=1e-2, weight_decay=0.05)), (AdamP, dict(lr=1e-2, weight_decay=0.05))]
+)
 def test_state_dict_round_trip(cls, kwargs):
     params, opt = run_steps(lambda p: cls(p, **kwargs), 5)
     clone = [nn.Parameter(p.detach().clone()) for p in params]
@@ -642,7 +644,8 @@ def test_cpu_kernels_in_small_cache_groups():
     if _backend.availability()["lamb_step"]["cpu"]["cpu"] is not None:
         pytest.skip("no compiled CPU kernels")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, VITOPS_OPTIM_CACHE_GROUP="100", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, VITOPS_OPTIM_CACHE_GROUP="100")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run([sys.executable, "-c", _GROUPS_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]

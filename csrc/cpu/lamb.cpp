@@ -1,10 +1,12 @@
-// CPU kernels of lamb_step: one multi-tensor pass that updates the moments and sums ||p||^2 and ||u||^2 per
-// tensor, then one that applies p -= lr * trust_ratio * u, recomputing u from the new moments instead of
-// storing it. Without layer adaptation (weight_decay == 0 and not always_adapt) the whole step is one pass.
+// CPU kernels of lamb_step. Pass 1 updates the moments, saves the update u to a scratch buffer and sums
+// ||p'||^2 and ||u||^2 per tensor; pass 2 applies p = p' - lr * trust_ratio * u. Both passes run per cache-sized
+// group of tensors (multi_tensor.h), so pass 2 reads p and u back from the cache. Without layer adaptation
+// (weight_decay == 0 and not always_adapt) the whole step is one pass.
 //
-// Per element, in timm's order of operations (each op rounded to float, never contracted):
+// Per element, in timm's order of operations (each op rounded to float, never contracted; dividing by clip, bc1
+// and sqrt(bc2) is multiplying by their reciprocals):
 //   g = grad / clip;  m = lerp(m, g, beta3) (or m * beta1 + beta3 * g);  v = v * beta2 + (1 - beta2) * g * g
-//   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps);   (dividing by clip, bc1, sqrt(bc2): multiplying by reciprocals)  p' = p + p * (-decay_scale * wd) [decoupled]
+//   u = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps);  p' = p + p * (-decay_scale * wd) [decoupled]
 //   u = u + wd * p' [coupled];  p = p' + (-lr) * (u * ratio)
 #include "../optim.h"
 #include "multi_tensor.h"
