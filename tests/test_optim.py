@@ -650,3 +650,21 @@ def test_cpu_kernels_in_small_cache_groups():
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@requires_timm
+@pytest.mark.parametrize("name", ["Lamb", "AdamP"])
+def test_low_precision_timm_state_loads_as_float32(name):
+    """timm keeps the moments of bfloat16 params in bfloat16; loaded into vitops they become float32, and the
+    step runs."""
+    kwargs = dict(lr=1e-2, weight_decay=0.05)
+    ours, theirs = {"Lamb": Lamb, "AdamP": AdamP}[name], getattr(timm_optim, name)
+    params, opt = run_steps(lambda p: theirs(p, **kwargs), 3, dtype=torch.bfloat16)
+    assert any(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
+    clone = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = ours(clone, **kwargs)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for state in opt2.state.values():
+        assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
+    _continue(opt2, clone, 9, steps=2)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in clone)
