@@ -2,7 +2,10 @@
 from vitops import ops, layers  # noqa: F401  (importing ops registers every custom op)
 from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
+from vitops import loss, models  # noqa: E402,F401
+from vitops.models import create_model, list_models  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "backend_info", "layers", "ops", "use_backend", "__version__"]
+__all__ += ["create_model", "list_models", "loss", "models"]
