@@ -1,5 +1,4 @@
 """Pieces shared by the model files: global pooling, plain (scriptable/exportable) drop path, checkpointing."""
-from __future__ import annotations
 
 from typing import List
 

@@ -1,6 +1,5 @@
 """DeiT (Touvron et al. 2020): ViTs trained with distillation, and the distilled variants with a distillation
 token and head. Names and outputs as timm 1.0's deit.py."""
-from __future__ import annotations
 
 from typing import List, Optional
 

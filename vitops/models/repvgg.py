@@ -1,7 +1,6 @@
 """RepVGG (Ding et al. 2021): VGG-style nets of RepVGG blocks (3x3 conv+BN, 1x1 conv+BN and an identity BN while
 training), re-parameterized into plain 3x3 convs for inference with `model.reparameterize()`. Stage layout and
 widths as timm's repvgg_a0..b1 (byobnet); module names are vitops' own (stem, stages.N, head)."""
-from __future__ import annotations
 
 from typing import List, Optional, Tuple
 

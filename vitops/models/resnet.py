@@ -1,7 +1,6 @@
 """ResNet (He et al. 2015) and ResNet-D (He et al. 2018), with timm 1.0's module names, parameter shapes and
 forward: timm checkpoints load strict=True and give the same outputs. Each block ends in a fused
 `act(shortcut + drop_path(branch))` (vitops.ops.drop_path_add)."""
-from __future__ import annotations
 
 import math
 from typing import List, Optional, Tuple, Type

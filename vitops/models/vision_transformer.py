@@ -1,7 +1,6 @@
 """Vision Transformer (Dosovitskiy et al. 2020) with timm 1.0's module names, parameter shapes and forward: timm
 checkpoints load strict=True and give the same outputs. Blocks use vitops' fused Attention (where built) and end
 each residual in a fused `x + drop_path(ls(branch))` (vitops.ops.drop_path_add, LayerScale folded in)."""
-from __future__ import annotations
 
 import math
 from functools import partial
