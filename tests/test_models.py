@@ -13,6 +13,8 @@ from vitops.models import adapt_input_conv, resample_abs_pos_embed
 
 timm = pytest.importorskip("timm")
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d"]
 VITS = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_base_patch32_224",
         "vit_base_patch16_384", "vit_large_patch16_224"]
@@ -74,6 +76,14 @@ def test_unknown_model_suggests_close_matches():
         vitops.create_model("vit_smal_patch16_224")
 
 
+def test_tagged_names_and_pretrained_cfg():
+    model = vitops.create_model("resnet50.a1_in1k", num_classes=0)
+    assert model.pretrained_cfg["tag"] == "a1_in1k" and model.pretrained_cfg["first_conv"] == "conv1"
+    cfg = vitops.create_model("deit_tiny_distilled_patch16_224", depth=1).pretrained_cfg
+    assert cfg["classifier"] == ("head", "head_dist") and cfg["mean"] == (0.485, 0.456, 0.406)
+    assert vitops.create_model("vit_base_patch16_384", depth=1).pretrained_cfg["input_size"] == (3, 384, 384)
+
+
 def test_none_kwargs_are_ignored():
     model = vitops.create_model("resnet18", num_classes=None, drop_rate=None, global_pool=None, in_chans=None,
                                 drop_path_rate=None, scriptable=None, exportable=None)
@@ -112,7 +122,7 @@ def test_documented_parameter_counts(name, millions):
     ("resnet18", {}, 64),
     ("resnet50", {}, 64),
     ("resnet50d", {}, 64),
-    ("vit_tiny_patch16_224", {}, 224),
+    ("vit_tiny_patch16_224", dict(depth=6), 224),
     ("vit_small_patch16_224", dict(depth=2, global_pool="avg"), 224),
     ("deit_tiny_patch16_224", dict(depth=3), 224),
     ("deit_tiny_distilled_patch16_224", dict(depth=3), 224),
@@ -429,6 +439,16 @@ def test_vit_features_only_nchw_maps():
         tokens = full.blocks(full._embed(x))
     assert [o.shape for o in outs] == [(2, 192, 4, 4)] * 2
     torch.testing.assert_close(outs[1], tokens[:, 1:].reshape(2, 4, 4, 192).permute(0, 3, 1, 2))
+
+
+def test_features_model_pickles(tmp_path):
+    model = vitops.create_model("resnet18", features_only=True, out_indices=(2, 4)).eval()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(loaded(x), model(x)):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name,out_indices", [("resnet18", (0, 5)), ("vit_tiny_patch16_224", (12,)),

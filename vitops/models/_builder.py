@@ -175,17 +175,19 @@ def find_pretrained_file(model_name: str, cfg: dict, checkpoint_path: str | None
     for path in candidates:
         if os.path.isfile(path):
             return path
-    source = cfg.get("url") or ""
+    arch = cfg.get("architecture") or split_model_name_tag(model_name)[0]
+    sources = []
     if cfg.get("hf_hub_id"):
         hub = cfg["hf_hub_id"]
         if hub.endswith("/"):
-            hub += f"{cfg.get('architecture', split_model_name_tag(model_name)[0])}.{cfg.get('tag', '')}".rstrip(".")
-        source = f"https://huggingface.co/{hub}" + (f" (or {source})" if source else "")
+            hub += f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
+        sources.append(f"model.safetensors from https://huggingface.co/{hub}")
+    if cfg.get("url"):
+        sources.append(f"the upstream release {cfg['url']}" + (" (convert it with timm first)" if cfg["url"].endswith(".npz") else ""))
     raise FileNotFoundError(
         f"vitops: no pretrained weights for {model_name!r} on this machine, and vitops never downloads. Download "
-        f"them from {source or 'the upstream release'} and save them as one of: "
-        f"{', '.join(candidates)} (VITOPS_HOME={vitops_home()}), or pass checkpoint_path=... or "
-        "pretrained_cfg_overlay=dict(file=...)."
+        f"{' or '.join(sources) or 'them'} and save the file as one of: {', '.join(candidates)} "
+        f"(VITOPS_HOME={vitops_home()}), or pass checkpoint_path=... or pretrained_cfg_overlay=dict(file=...)."
     )
 
 

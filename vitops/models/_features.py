@@ -76,13 +76,22 @@ class FeatureListMixin:
         return self.forward_feature_maps(x, list(self.feature_info.out_indices))
 
 
+def _features_class(cls: type) -> type:
+    """`cls` with FeatureListMixin's forward, created once and kept in this module so the model pickles."""
+    name = f"{cls.__name__}Features"
+    existing = globals().get(name)
+    if existing is None or existing.__mro__[2] is not cls:
+        existing = type(name, (FeatureListMixin, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = existing
+    return existing
+
+
 def make_features_only(model: nn.Module, out_indices, model_name: str = "model") -> nn.Module:
     """Turns `model` into a feature extractor in place: drops its head and makes forward return feature maps."""
     levels = model.feature_levels()
     indices = resolve_out_indices(out_indices, len(levels), model_name)
     model.reset_classifier(0, "")
-    cls = type(model)
-    model.__class__ = type(f"{cls.__name__}Features", (FeatureListMixin, cls), {})
+    model.__class__ = _features_class(type(model))
     model.feature_info = FeatureInfo(levels, indices)
     model.features_only = True
     return model

@@ -366,8 +366,8 @@ class VisionTransformer(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
-    """Adapts a timm/vitops ViT checkpoint to `model`: pos_embed resampled (bicubic, prefix tokens kept) to the
-    model's patch grid, patch_embed kernel resized to another patch size."""
+    """Adapts a timm/vitops ViT checkpoint to `model`: pos_embed resampled (bicubic, antialiased, prefix tokens
+    kept) to the model's patch grid, as timm does when img_size differs from the checkpoint's."""
     out = {}
     for k, v in state_dict.items():
         if k == "pos_embed" and v.shape != model.pos_embed.shape:
@@ -375,8 +375,6 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
                 v, new_size=model.patch_embed.grid_size, num_prefix_tokens=model.num_prefix_tokens,
                 interpolation="bicubic", antialias=True,
             )  # fmt: skip
-        elif k == "patch_embed.proj.weight" and v.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
-            v = F.interpolate(v.float(), size=model.patch_embed.patch_size, mode="bicubic", antialias=True).to(v.dtype)
         out[k] = v
     return out
 
