@@ -593,3 +593,60 @@ def test_compile_fullgraph_forward_backward(name, kwargs):
     model(x).sum().backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
+# --- built from vitops layers ----------------------------------------------------------------------------------
+
+
+def test_models_use_vitops_fused_layers_unless_scriptable():
+    from vitops.layers import DropPath, LayerScale
+    from vitops.models._common import PlainDropPath
+
+    vit = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32, init_values=1e-5)
+    assert isinstance(vit.blocks[0].drop_path1, DropPath) and isinstance(vit.blocks[0].ls1, LayerScale)
+    resnet = vitops.create_model("resnet18")
+    assert isinstance(resnet.layer1[0].drop_path, DropPath)
+    scripted = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32, scriptable=True)
+    assert isinstance(scripted.blocks[0].drop_path1, PlainDropPath)
+
+
+def test_residuals_go_through_drop_path_add(monkeypatch):
+    import vitops.layers.drop_path as drop_path_module
+
+    calls = []
+    original = drop_path_module.drop_path_add
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(drop_path_module, "drop_path_add", counting)
+    vit = vitops.create_model("vit_tiny_patch16_224", depth=3, img_size=32).eval()
+    with torch.no_grad():
+        vit(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 6  # two residuals per block
+    calls.clear()
+    resnet = vitops.create_model("resnet18").eval()
+    with torch.no_grad():
+        resnet(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 8  # one per block
+
+
+def test_distilled_features_only():
+    model = vitops.create_model("deit_tiny_distilled_patch16_224", depth=2, img_size=32, features_only=True,
+                                out_indices=(0, 1)).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 32, 32))
+    assert [o.shape for o in outs] == [(2, 192, 2, 2)] * 2
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18"])
+def test_bf16_autocast_forward_backward(name):
+    kwargs = SMALL[name]["kwargs"]
+    model = vitops.create_model(name, num_classes=5, drop_path_rate=0.1, **kwargs)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
