@@ -650,3 +650,14 @@ def test_bf16_autocast_forward_backward(name):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     out.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_compile_fullgraph_inductor_vit_tiny():
+    """The default inductor backend too (one small ViT, to keep CI quick): same outputs as eager."""
+    model = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32, num_classes=4).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
