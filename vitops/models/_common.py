@@ -1,9 +1,6 @@
 """Pieces shared by the model files: global pooling, plain (scriptable/exportable) drop path, checkpointing."""
 
-from typing import List
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 CNN_POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")
@@ -91,10 +88,4 @@ def check_input(x: Tensor, in_chans: int, model: str, min_size: int = 1, fixed_s
         raise ValueError(f"vitops {model}: images must be at least {min_size}x{min_size}, got {tuple(x.shape[2:])}")
 
 
-def checkpoint_modules(modules: List[nn.Module], x: Tensor) -> Tensor:
-    for module in modules:
-        x = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
-    return x
-
-
-__all__ = ["SelectAdaptivePool2d", "PlainDropPath", "make_drop_path", "check_input", "checkpoint_modules", "F"]
+__all__ = ["SelectAdaptivePool2d", "PlainDropPath", "make_drop_path", "check_input"]

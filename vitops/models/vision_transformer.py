@@ -2,7 +2,6 @@
 checkpoints load strict=True and give the same outputs. Blocks use vitops' fused Attention (where built) and end
 each residual in a fused `x + drop_path(ls(branch))` (vitops.ops.drop_path_add, LayerScale folded in)."""
 
-import math
 from functools import partial
 from typing import List, Optional, Tuple, Union
 
