@@ -661,3 +661,11 @@ def test_compile_fullgraph_inductor_vit_tiny():
     out.sum().backward()
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
     assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+
+
+def test_load_checkpoint_resamples_vit_pos_embed(tmp_path):
+    path = str(tmp_path / "v.pth")
+    torch.save({"model": _state_dict_for("vit_tiny_patch16_224", depth=1, img_size=64)}, path)
+    model = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
+    vitops.models.load_checkpoint(model, path)
+    assert model.pos_embed.shape == (1, 5, 192)

@@ -1,5 +1,18 @@
 """Model zoo: timm-compatible ResNet, ViT, DeiT and RepVGG built from vitops layers, with a registry and
-create_model / list_models as timm's."""
+create_model / list_models as timm's.
+
+    import vitops
+    vitops.list_models("deit_*distilled*")
+    model = vitops.create_model("vit_small_patch16_224", num_classes=10, drop_path_rate=0.1)
+    model.load_state_dict(timm_model.state_dict())          # resnet*, vit_*, deit_*: timm's names and shapes
+    model = vitops.create_model("resnet50", pretrained=True)  # $VITOPS_HOME/checkpoints/resnet50.a1_in1k.pth
+    backbone = vitops.create_model("resnet50", features_only=True, out_indices=(2, 3, 4))
+    backbone.feature_info.channels()                          # [512, 1024, 2048]
+
+ResNet and ViT blocks end in the fused `residual + drop_path(branch * gamma)` (vitops.ops.drop_path_add); ViT/DeiT
+use vitops.layers.Attention where it is built; RepVGG uses vitops.layers.RepVGGBlock where it is built. With
+scriptable=True or exportable=True the models use plain PyTorch residuals and attention instead.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional

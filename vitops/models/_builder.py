@@ -90,8 +90,11 @@ def load_state_dict(path: str, use_ema: bool = True) -> dict[str, Tensor]:
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True, use_ema: bool = True, filter_fn=None):
-    """Loads a checkpoint file into `model` (after the model's own filter, e.g. pos_embed resampling)."""
+    """Loads a checkpoint file (any format load_state_dict reads) into `model`, after `filter_fn(state_dict,
+    model)`; for ViT/DeiT models the default filter resamples pos_embed to the model's patch grid."""
     state_dict = load_state_dict(path, use_ema)
+    if filter_fn is None and hasattr(model, "pos_embed") and hasattr(model, "patch_embed"):
+        from vitops.models.vision_transformer import checkpoint_filter_fn as filter_fn
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
     return model.load_state_dict(state_dict, strict=strict)
