@@ -669,3 +669,22 @@ def test_load_checkpoint_resamples_vit_pos_embed(tmp_path):
     model = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32)
     vitops.models.load_checkpoint(model, path)
     assert model.pos_embed.shape == (1, 5, 192)
+
+
+@pytest.mark.parametrize("name,kwargs,size", [("resnet18", {}, 64), ("vit_tiny_patch16_224", dict(depth=3), 224)])
+def test_forward_intermediates_match_timm(name, kwargs, size):
+    reference = timm.create_model(name, **kwargs).eval()
+    model = vitops.create_model(name, **kwargs).eval()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, indices=2)
+        ref_final, ref_inter = reference.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(final, ref_final)
+        assert len(inter) == len(ref_inter) == 2
+        for a, b in zip(inter, ref_inter):
+            torch.testing.assert_close(a, b)
+        only = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+        ref_only = reference.forward_intermediates(x, indices=[0], intermediates_only=True)
+    assert len(only) == 1
+    torch.testing.assert_close(only[0], ref_only[0])

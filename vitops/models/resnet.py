@@ -271,8 +271,12 @@ class ResNet(nn.Module):
     @torch.jit.ignore
     def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
         """Feature maps of the 5 levels (stem act1, layer1..4) at `indices`; stops after the last one asked."""
+        return self._levels(x, indices, stop_early=True)[0]
+
+    @torch.jit.ignore
+    def _levels(self, x: Tensor, indices: List[int], stop_early: bool):
         wanted = set(indices)
-        last = max(indices)
+        last = max(indices) if stop_early else len(self._feature_levels) - 1
         outs = {}
         x = self.forward_stem(x)
         if 0 in wanted:
@@ -288,7 +292,19 @@ class ResNet(nn.Module):
                 x = stage(x)
             if i in wanted:
                 outs[i] = x
-        return [outs[i] for i in indices]
+        return [outs[i] for i in indices], x
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x: Tensor, indices=None, stop_early: bool = False,
+                              intermediates_only: bool = False):
+        """timm's API: (final features, [feature maps at indices]) or, with intermediates_only, the list.
+        indices: None for all 5 levels, n for the last n, or a sequence of level indices."""
+        from vitops.models._features import resolve_out_indices
+
+        n = len(self._feature_levels)
+        indices = list(resolve_out_indices(n if indices is None else indices, n, type(self).__name__))
+        intermediates, x = self._levels(x, indices, stop_early=stop_early or intermediates_only)
+        return intermediates if intermediates_only else (x, intermediates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)

@@ -326,21 +326,39 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
         """Outputs of the blocks at `indices` as (B, C, H/patch, W/patch) maps, prefix tokens removed."""
+        return self._levels(x, indices, stop_early=True, norm=False)[0]
+
+    @torch.jit.ignore
+    def _levels(self, x: Tensor, indices: List[int], stop_early: bool, norm: bool):
         B = x.shape[0]
         H, W = self.patch_embed.grid_size
         wanted = set(indices)
+        last = max(indices) if stop_early else len(self.blocks) - 1
         outs = {}
         x = self._embed(x)
         for i, blk in enumerate(self.blocks):
-            if i > max(indices):
+            if i > last:
                 break
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
             if i in wanted:
-                outs[i] = x[:, self.num_prefix_tokens:].reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
-        return [outs[i] for i in indices]
+                y = self.norm(x) if norm else x
+                outs[i] = y[:, self.num_prefix_tokens:].reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+        return [outs[i] for i in indices], x
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x: Tensor, indices=None, norm: bool = False, stop_early: bool = False,
+                              intermediates_only: bool = False):
+        """timm's API: (final normed tokens, [NCHW block outputs at indices]) or, with intermediates_only, the
+        list. indices: None for every block, n for the last n, or a sequence of block indices."""
+        from vitops.models._features import resolve_out_indices
+
+        n = len(self.blocks)
+        indices = list(resolve_out_indices(n if indices is None else indices, n, type(self).__name__))
+        intermediates, x = self._levels(x, indices, stop_early=stop_early or intermediates_only, norm=norm)
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def pool(self, x: Tensor) -> Tensor:
         if self.global_pool == "":
