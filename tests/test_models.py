@@ -144,15 +144,25 @@ def test_timm_checkpoint_loads_strict_and_matches(name, kwargs, size):
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64)),
 ])
 def test_training_with_drop_path_matches_timm_for_a_seed(name, kwargs):
-    """Stochastic depth draws its masks as timm does: same seed, same train-mode outputs."""
-    reference = timm.create_model(name, drop_path_rate=0.5, **kwargs)
+    """Stochastic depth draws its masks as timm does: same seed, same train-mode outputs and gradients (the ViT
+    with LayerScale, whose gamma is fused into the residual add)."""
+    reference = timm.create_model(name, drop_path_rate=0.5, init_values=0.1, **kwargs) if "vit" in name else \
+        timm.create_model(name, drop_path_rate=0.5, **kwargs)
+    kwargs = dict(kwargs, init_values=0.1) if "vit" in name else kwargs
     model = vitops.create_model(name, drop_path_rate=0.5, **kwargs)
     model.load_state_dict(reference.state_dict())
     x = torch.randn(4, 3, 64, 64)
     torch.manual_seed(1)
     expected = reference(x)
     torch.manual_seed(1)
-    torch.testing.assert_close(model(x), expected)
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    expected.backward(grad)
+    out.backward(grad)
+    theirs = dict(reference.named_parameters())
+    for pname, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, theirs[pname].grad, rtol=1e-4, atol=1e-5, msg=pname)
 
 
 def test_drop_path_rates_spaced_as_timm():
