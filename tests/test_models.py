@@ -579,12 +579,24 @@ def test_exportable_models_torch_export(name):
         torch.testing.assert_close(exported.module()(x), model(x))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None,
-                    reason="onnx / onnxscript not installed")
-def test_exportable_onnx(tmp_path):
-    model = vitops.create_model("vit_tiny_patch16_224", exportable=True, depth=1, img_size=32).eval()
-    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), str(tmp_path / "m.onnx"))
-    assert (tmp_path / "m.onnx").stat().st_size > 0
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="onnx not installed")
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_exportable_onnx(tmp_path, name):
+    import onnx
+
+    spec = SMALL[name]
+    model = vitops.create_model(name, exportable=True, **spec["kwargs"]).eval()
+    path = str(tmp_path / "m.onnx")
+    x = torch.randn(1, 3, spec["size"], spec["size"])
+    torch.onnx.export(model, (x,), path, dynamo=importlib.util.find_spec("onnxscript") is not None)
+    onnx.checker.check_model(onnx.load(path))
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(path)
+        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name,kwargs", [("vit_tiny_patch16_224", dict(depth=2, img_size=32)), ("resnet18", {})])
