@@ -122,7 +122,7 @@ def test_documented_parameter_counts(name, millions):
     ("resnet18", {}, 64),
     ("resnet50", {}, 64),
     ("resnet50d", {}, 64),
-    ("vit_tiny_patch16_224", dict(depth=6), 224),
+    ("vit_tiny_patch16_224", dict(depth=3), 224),
     ("vit_small_patch16_224", dict(depth=2, global_pool="avg"), 224),
     ("deit_tiny_patch16_224", dict(depth=3), 224),
     ("deit_tiny_distilled_patch16_224", dict(depth=3), 224),
@@ -693,7 +693,7 @@ def test_load_checkpoint_resamples_vit_pos_embed(tmp_path):
     assert model.pos_embed.shape == (1, 5, 192)
 
 
-@pytest.mark.parametrize("name,kwargs,size", [("resnet18", {}, 64), ("vit_tiny_patch16_224", dict(depth=3), 224)])
+@pytest.mark.parametrize("name,kwargs,size", [("resnet18", {}, 64), ("vit_tiny_patch16_224", dict(depth=3, img_size=64), 64)])
 def test_forward_intermediates_match_timm(name, kwargs, size):
     reference = timm.create_model(name, **kwargs).eval()
     model = vitops.create_model(name, **kwargs).eval()
