@@ -96,10 +96,9 @@ def test_constructs_on_meta_with_timm_parameter_count(name):
         model = vitops.create_model(name)
         reference = timm.create_model(name)
     assert n_params(model) == n_params(reference)
-    if not name.startswith("repvgg"):  # resnet, vit, deit: identical names, shapes, buffers
-        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-        assert ours == theirs
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert ours == theirs  # identical names, shapes and buffers
     cfg = model.pretrained_cfg
     assert model.default_cfg is cfg
     for key in ("url", "hf_hub_id", "file", "num_classes", "input_size", "pool_size", "crop_pct", "interpolation",
@@ -118,6 +117,20 @@ def test_documented_parameter_counts(name, millions):
 # --- timm parity ---------------------------------------------------------------------------------------------
 
 
+def perturb_(model):
+    """Moves every parameter and buffer off its init (zero-init BN gammas, unit BN statistics, zero biases), so
+    every branch of every block shows in the outputs."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if not v.is_floating_point():
+                continue
+            if k.endswith("running_var"):
+                v.uniform_(0.5, 1.5)
+            else:
+                v.add_(torch.randn_like(v) * 0.02)
+    return model
+
+
 @pytest.mark.parametrize("name,kwargs,size", [
     ("resnet18", {}, 64),
     ("resnet50", {}, 64),
@@ -127,9 +140,10 @@ def test_documented_parameter_counts(name, millions):
     ("deit_tiny_patch16_224", dict(depth=3), 224),
     ("deit_tiny_distilled_patch16_224", dict(depth=3), 224),
     ("vit_base_patch32_224", dict(depth=1), 224),
+    ("repvgg_a0", {}, 64),
 ])
 def test_timm_checkpoint_loads_strict_and_matches(name, kwargs, size):
-    reference = timm.create_model(name, pretrained=False, **kwargs).eval()
+    reference = perturb_(timm.create_model(name, pretrained=False, **kwargs)).eval()
     model = vitops.create_model(name, **kwargs).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, size, size)
@@ -150,7 +164,7 @@ def test_training_with_drop_path_matches_timm_for_a_seed(name, kwargs):
         timm.create_model(name, drop_path_rate=0.5, **kwargs)
     kwargs = dict(kwargs, init_values=0.1) if "vit" in name else kwargs
     model = vitops.create_model(name, drop_path_rate=0.5, **kwargs)
-    model.load_state_dict(reference.state_dict())
+    model.load_state_dict(perturb_(reference).state_dict())
     x = torch.randn(4, 3, 64, 64)
     torch.manual_seed(1)
     expected = reference(x)
@@ -488,7 +502,7 @@ def test_wrong_input_channels_and_size_are_clear_errors():
 
 
 def test_repvgg_reparameterize_keeps_outputs():
-    model = vitops.create_model("repvgg_a0", num_classes=10)
+    model = perturb_(vitops.create_model("repvgg_a0", num_classes=10))
     model.train()
     with torch.no_grad():
         for _ in range(2):  # non-trivial BN statistics

@@ -1,5 +1,7 @@
 """Pieces shared by the model files: global pooling, plain (scriptable/exportable) drop path, checkpointing."""
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -38,6 +40,36 @@ class SelectAdaptivePool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"pool_type={self.pool_type}, flatten={self.flatten}"
+
+
+class ClassifierHead(nn.Module):
+    """timm's ClassifierHead: global_pool, drop, fc, flatten (Identity); `pre_logits=True` skips fc."""
+
+    def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0):
+        super().__init__()
+        self.in_features = in_features
+        self.global_pool = SelectAdaptivePool2d(pool_type)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = self._make_fc(num_classes)
+        self.flatten = nn.Identity()
+
+    def _make_fc(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.global_pool.is_identity():
+            raise ValueError("vitops: a classifier needs pooled features; set global_pool or num_classes=0")
+        return nn.Linear(self.in_features * self.global_pool.feat_mult(), num_classes)
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+        if pool_type is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type)
+        self.fc = self._make_fc(num_classes)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.drop(self.global_pool(x))
+        if pre_logits:
+            return self.flatten(x)
+        return self.flatten(self.fc(x))
 
 
 class PlainDropPath(nn.Module):
@@ -88,4 +120,4 @@ def check_input(x: Tensor, in_chans: int, model: str, min_size: int = 1, fixed_s
         raise ValueError(f"vitops {model}: images must be at least {min_size}x{min_size}, got {tuple(x.shape[2:])}")
 
 
-__all__ = ["SelectAdaptivePool2d", "PlainDropPath", "make_drop_path", "check_input"]
+__all__ = ["ClassifierHead", "SelectAdaptivePool2d", "PlainDropPath", "make_drop_path", "check_input"]

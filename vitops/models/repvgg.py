@@ -1,6 +1,7 @@
 """RepVGG (Ding et al. 2021): VGG-style nets of RepVGG blocks (3x3 conv+BN, 1x1 conv+BN and an identity BN while
 training), re-parameterized into plain 3x3 convs for inference with `model.reparameterize()`. Stage layout and
-widths as timm's repvgg_a0..b1 (byobnet); module names are vitops' own (stem, stages.N, head)."""
+widths, module names and parameter shapes as timm's repvgg_a0..b1 (byobnet: stem, stages.N.M, head.fc), so timm
+RepVGG checkpoints load strict=True."""
 
 from typing import List, Optional, Tuple
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitops.models._builder import build_model_with_cfg
-from vitops.models._common import SelectAdaptivePool2d, check_input
+from vitops.models._common import ClassifierHead, check_input
 from vitops.models._registry import register_model, register_pretrained_cfgs
 
 __all__ = ["RepVGG", "RepVGGBlock"]
@@ -111,7 +112,8 @@ except ImportError:
 
 
 class RepVGG(nn.Module):
-    """RepVGG: stem (a stride-2 RepVGG block), stages.0..3 (the first block of each with stride 2), head.
+    """RepVGG: stem (a stride-2 RepVGG block), stages.0..3 (the first block of each with stride 2), final_conv
+    (Identity), head (global_pool, drop, fc, flatten as timm's ClassifierHead).
 
     Args:
         layers: blocks per stage. widths: channels per stage. stem_chs. num_classes, in_chans, global_pool,
@@ -154,18 +156,11 @@ class RepVGG(nn.Module):
             self._feature_levels.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
-        self.global_pool = SelectAdaptivePool2d(global_pool)
-        self.fc = self._make_fc(num_classes)
+        self.final_conv = nn.Identity()
+        self.head = ClassifierHead(in_chs, num_classes, global_pool, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def _make_fc(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        if self.global_pool.is_identity():
-            raise ValueError("vitops RepVGG: a classifier needs pooled features; set global_pool or num_classes=0")
-        return nn.Linear(self.num_features * self.global_pool.feat_mult(), num_classes)
 
     @torch.no_grad()
     def reparameterize(self) -> "RepVGG":
@@ -181,13 +176,11 @@ class RepVGG(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.fc
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(global_pool)
-        self.fc = self._make_fc(num_classes)
+        self.head.reset(num_classes, global_pool)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -211,7 +204,7 @@ class RepVGG(nn.Module):
                     x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
         else:
             x = self.stages(x)
-        return x
+        return self.final_conv(x)
 
     @torch.jit.ignore
     def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
@@ -233,10 +226,7 @@ class RepVGG(nn.Module):
         return [outs[i] for i in indices]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -255,7 +245,7 @@ def _cfg(url: str = "", **kwargs) -> dict:
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
         "first_conv": ("stem.conv_kxk.conv", "stem.conv_1x1.conv"),
-        "classifier": "fc",
+        "classifier": "head.fc",
         **kwargs,
     }
 
