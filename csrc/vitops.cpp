@@ -12,6 +12,31 @@ TORCH_LIBRARY(vitops, m) {
   m.def(
       "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
       "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)");
+
+  // Attention without a mask over (B, H, N, D) q, k, v whose last dim is contiguous (other strides are free).
+  // Returns (out, lse): out is contiguous (B, H, Nq, D) in q's dtype; lse (B, H, Nq) is the natural-log
+  // log-sum-exp of each query's scaled scores, float32 (float64 for float64 inputs), kept for the backward.
+  // scale defaults to D ** -0.5.
+  m.def("attention(Tensor q, Tensor k, Tensor v, float? scale) -> (Tensor, Tensor)");
+  // Returns contiguous (grad_q, grad_k, grad_v), recomputing the probabilities from lse.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float? scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The same on the packed (B, N, 3*H*D) output of a qkv Linear (timm's order), read in place. Returns
+  // (out, lse) with out a contiguous (B, N, H*D), ready for the proj Linear.
+  m.def("attention_packed(Tensor qkv, int num_heads, float? scale) -> (Tensor, Tensor)");
+  // Returns one contiguous (B, N, 3*H*D) grad_qkv.
+  m.def(
+      "attention_packed_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
+      "float? scale) -> Tensor");
+
+  // Folds an inference-mode BatchNorm into the convolution before it: returns (fused_weight, fused_bias) with
+  // fused_weight = weight * bn_weight / sqrt(running_var + eps) per output channel and
+  // fused_bias = (bias - running_mean) * bn_weight / sqrt(running_var + eps) + bn_bias. A missing bias is 0, a
+  // missing bn_weight 1 and bn_bias 0. The per-channel tensors are float32 (float64 for a float64 weight).
+  m.def(
+      "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
+      "Tensor? bn_bias, float eps) -> (Tensor, Tensor)");
 }
 
 #ifdef TORCH_EXTENSION_NAME

@@ -15,6 +15,20 @@ SCHEMAS = {
         "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
         "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)"
     ),
+    "attention": "attention(Tensor q, Tensor k, Tensor v, float? scale) -> (Tensor, Tensor)",
+    "attention_backward": (
+        "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float? scale) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    "attention_packed": "attention_packed(Tensor qkv, int num_heads, float? scale) -> (Tensor, Tensor)",
+    "attention_packed_backward": (
+        "attention_packed_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
+        "float? scale) -> Tensor"
+    ),
+    "fuse_conv_bn": (
+        "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
+        "Tensor? bn_bias, float eps) -> (Tensor, Tensor)"
+    ),
 }
 
 try:

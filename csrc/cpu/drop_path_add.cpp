@@ -32,6 +32,23 @@ inline void for_each_run(const DropPathAddLayout& L, int64_t begin, int64_t end,
   }
 }
 
+// One run of the forward: o = r + (b * g) * s, in this order and without contraction, so float32 results are
+// bit-identical to timm's `r + drop_path(b * gamma)`. Branch-free loops the compiler vectorizes.
+template <bool kResidual, bool kGammaPerElement, typename out_t, typename branch_t, typename acc_t>
+inline void forward_run(
+    const out_t* __restrict__ r,
+    const branch_t* __restrict__ b,
+    const acc_t* __restrict__ g,
+    acc_t s,
+    out_t* __restrict__ o,
+    int64_t n) {
+  const acc_t g0 = g[0];
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t t = (acc_t(b[j]) * (kGammaPerElement ? g[j] : g0)) * s;
+    o[j] = static_cast<out_t>(kResidual ? acc_t(r[j]) + t : t);
+  }
+}
+
 template <typename out_t, typename branch_t>
 void forward_kernel(
     const out_t* residual,
@@ -48,28 +65,26 @@ void forward_kernel(
       for_each_run(L, chunk * kChunk, chunk_end, [&](int64_t p, int64_t n, int64_t sample, int64_t channel) {
         const acc_t s = scale ? scale[sample] : acc_t(1);
         const out_t* r = residual ? residual + p : nullptr;
-        const branch_t* b = branch + p;
         out_t* o = out + p;
         if (s == acc_t(0)) {
-          for (int64_t j = 0; j < n; ++j) {
-            o[j] = r ? r[j] : out_t(0);
+          if (r) {
+            std::copy_n(r, n, o);
+          } else {
+            std::fill_n(o, n, out_t(0));
           }
           return;
         }
-        // (b * g) * s, then + r, in this order and without contraction: bit-identical to timm's
-        // `r + drop_path(b * gamma)` when everything is float32.
-        if (L.inner == 1 && gamma) {
-          const acc_t* g = gamma + channel;
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t t = (acc_t(b[j]) * g[j]) * s;
-            o[j] = static_cast<out_t>(r ? acc_t(r[j]) + t : t);
-          }
+        const bool per_element = L.inner == 1 && gamma;
+        const acc_t* g = gamma ? gamma + channel : nullptr;
+        const acc_t one = 1;
+        if (r && per_element) {
+          forward_run<true, true>(r, branch + p, g, s, o, n);
+        } else if (r) {
+          forward_run<true, false>(r, branch + p, g ? g : &one, s, o, n);
+        } else if (per_element) {
+          forward_run<false, true>(r, branch + p, g, s, o, n);
         } else {
-          const acc_t g = gamma ? gamma[channel] : acc_t(1);
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t t = (acc_t(b[j]) * g) * s;
-            o[j] = static_cast<out_t>(r ? acc_t(r[j]) + t : t);
-          }
+          forward_run<false, false>(r, branch + p, g ? g : &one, s, o, n);
         }
       });
     }

@@ -1,8 +1,8 @@
 """Stochastic depth (drop path) and the fused residual `residual + drop_path(branch * gamma)`.
 
 drop_path_add is the end of every ViT and ResNet block. Fused, it reads residual and branch once and writes the
-output once (timm's eager version makes 8 passes over memory with LayerScale), and its backward produces the
-branch's and gamma's gradients in one more pass. The per-sample keep mask is drawn here with torch's RNG, exactly
+output once: 3 passes over memory where timm's eager version makes 5 (7 with LayerScale). Its backward produces
+the branch's and gamma's gradients in one more pass. The per-sample keep mask is drawn here with torch's RNG, exactly
 as timm draws it, so a seed gives the same mask on every backend.
 """
 from __future__ import annotations

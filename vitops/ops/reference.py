@@ -81,3 +81,95 @@ def drop_path_add_backward(
         dims = [d for d in range(grad.ndim) if d != grad.ndim - gamma.ndim]
         grad_gamma = per_channel.sum(dims).view(gamma.shape)
     return grad_branch, grad_gamma
+
+
+# --- attention ----------------------------------------------------------------------------------------------
+
+
+def attention_scale(head_dim: int, scale: float | None) -> float:
+    """The softmax scale: `scale` if given, else head_dim ** -0.5 (what SDPA and timm use)."""
+    return head_dim**-0.5 if scale is None else float(scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q @ k^T * scale) @ v over (..., N, D) tensors, computed in the inputs' own dtype with plain
+    differentiable PyTorch ops (SDPA's math path without a mask). Upcast the inputs to get a precise reference."""
+    s = (q @ k.transpose(-2, -1)) * attention_scale(q.shape[-1], scale)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """What the attention kernels return: (out, lse). Computed in the accumulate dtype; `out` is rounded once
+    to q's dtype, `lse` (..., N) is the natural-log log-sum-exp of each query's scaled scores, in the
+    accumulate dtype (float32, or float64 for float64 inputs)."""
+    acc = accumulate_dtype(q.dtype)
+    s = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * attention_scale(q.shape[-1], scale)
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.exp(s - lse.unsqueeze(-1)) @ v.to(acc)
+    return out.to(q.dtype), lse
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of attention_forward, recomputing the probabilities from the saved lse (FlashAttention's
+    backward): P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale,
+    dK = dS^T Q * scale. Computed in the accumulate dtype, each gradient rounded once to its input's dtype."""
+    acc = accumulate_dtype(q.dtype)
+    sc = attention_scale(q.shape[-1], scale)
+    qa, ka, va, go = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
+    p = torch.exp((qa @ ka.transpose(-2, -1)) * sc - lse.to(acc).unsqueeze(-1))
+    dv = p.transpose(-2, -1) @ go
+    dp = go @ va.transpose(-2, -1)
+    delta = (go * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = (ds @ ka) * sc
+    dk = (ds.transpose(-2, -1) @ qa) * sc
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def split_packed_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Views q, k, v of shape (B, H, N, D) into a packed (B, N, 3*H*D) qkv Linear output (no copies), in timm's
+    order: qkv.reshape(B, N, 3, H, D)."""
+    b, n, c3 = qkv.shape
+    d = c3 // (3 * num_heads)
+    parts = qkv.unflatten(-1, (3, num_heads, d)).permute(2, 0, 3, 1, 4)
+    return parts[0], parts[1], parts[2]
+
+
+def attention_packed(qkv: Tensor, num_heads: int, scale: float | None = None) -> Tensor:
+    """Attention of a packed (B, N, 3*H*D) qkv, returned as (B, N, H*D): exactly what timm's Attention computes
+    between its qkv and proj Linears (in the input's own dtype)."""
+    q, k, v = split_packed_qkv(qkv, num_heads)
+    return attention(q, k, v, scale).transpose(1, 2).flatten(2)
+
+
+# --- conv-BN fusion -----------------------------------------------------------------------------------------
+
+
+def fuse_conv_bn(
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Folds an inference-mode BatchNorm into the convolution before it. Returns (fused_weight, fused_bias):
+    `fused_weight = weight * bn_weight / sqrt(running_var + eps)` per output channel (dim 0) and
+    `fused_bias = (bias - running_mean) / sqrt(running_var + eps) * bn_weight + bn_bias`, where a missing bias
+    is 0, a missing bn_weight 1 and a missing bn_bias 0. Computed in float32 (float64 for a float64 weight),
+    both results in the weight's dtype. Differentiable in every tensor argument."""
+    acc = accumulate_dtype(weight.dtype)
+    inv_std = torch.rsqrt(running_var.to(acc) + eps)
+    gamma = bn_weight.to(acc) if bn_weight is not None else None
+    scale = inv_std if gamma is None else gamma * inv_std
+    fused_weight = weight.to(acc) * scale.view((-1,) + (1,) * (weight.ndim - 1))
+    centred = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
+    fused_bias = centred * inv_std
+    if gamma is not None:
+        fused_bias = fused_bias * gamma
+    if bn_bias is not None:
+        fused_bias = fused_bias + bn_bias.to(acc)
+    return fused_weight.to(weight.dtype).contiguous(), fused_bias.to(weight.dtype)

@@ -129,6 +129,7 @@ def drop_path_add_triton(
         layout.rows, layout.channels, layout.inner, layout.rows_per_sample,
         HAS_RESIDUAL=residual is not None, HAS_GAMMA=gamma is not None, HAS_SCALE=sample_scale is not None,
         BLOCK_R=blocks[0], BLOCK_C=blocks[1], BLOCK_I=blocks[2], ACC=_tl_dtype(layout_lib.accumulate_dtype(out.dtype)),
+        enable_fp_fusion=False,  # no FMA: float32 results equal timm's op-by-op ones
     )  # fmt: skip
     return out
 

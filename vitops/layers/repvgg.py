@@ -1,0 +1,102 @@
+"""RepVGGBlock: a k x k conv + BN, a 1 x 1 conv + BN and an identity BN summed while training, re-parameterized
+into one k x k conv for inference (Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", 2021)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vitops.layers._fusion import check_groups, check_odd_kernel, fold_bn, identity_kernel, new_conv_like, pad_to
+from vitops.layers.conv_norm_act import ConvNormAct
+
+
+class RepVGGBlock(nn.Module):
+    """`act(bn(conv_kxk(x)) + bn(conv_1x1(x)) + bn(x))`, the identity branch present when in_chs == out_chs,
+    stride == 1 and `use_identity`. `reparameterize()` replaces the branches by `reparam_conv`, one biased
+    k x k conv computing the same function with the BatchNorms in inference mode:
+    `K = K_kxk + pad(K_1x1) + K_id` with the identity kernel 1 at [i, i % (in_chs / groups), k // 2, k // 2],
+    each BN folded into its branch first, and the biases summed.
+
+    Args:
+        in_chs, out_chs: channels.
+        kernel_size: odd int. stride, dilation, groups: as nn.Conv2d; padding keeps the size at stride 1.
+        act_layer: the activation's class (None for none).
+        use_identity: add the identity BN branch where shapes allow.
+        inference_mode: build the re-parameterized form directly, to load a deploy checkpoint.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        act_layer: type[nn.Module] | None = nn.ReLU,
+        use_identity: bool = True,
+        inference_mode: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        where = "vitops.layers.RepVGGBlock"
+        check_odd_kernel(where, kernel_size)
+        check_groups(where, in_chs, out_chs, groups)
+        self.in_chs, self.out_chs, self.groups = in_chs, out_chs, groups
+        self.kernel_size = kernel_size
+        padding = dilation * (kernel_size // 2)
+        factory = dict(device=device, dtype=dtype)
+        self.reparam_conv = None
+        self.conv_kxk = self.conv_1x1 = self.identity = None
+        if inference_mode:
+            self.reparam_conv = nn.Conv2d(
+                in_chs, out_chs, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                bias=True, **factory,
+            )  # fmt: skip
+        else:
+            self.conv_kxk = ConvNormAct(
+                in_chs, out_chs, kernel_size, stride, padding, dilation, groups, apply_act=False, **factory
+            )
+            if kernel_size > 1:
+                self.conv_1x1 = ConvNormAct(in_chs, out_chs, 1, stride, 0, 1, groups, apply_act=False, **factory)
+            if use_identity and in_chs == out_chs and stride == 1:
+                self.identity = nn.BatchNorm2d(out_chs, **factory)
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.reparam_conv is not None:
+            return self.act(self.reparam_conv(x))
+        out = self.conv_kxk(x)
+        if self.conv_1x1 is not None:
+            out = out + self.conv_1x1(x)
+        if self.identity is not None:
+            out = out + self.identity(x)
+        return self.act(out)
+
+    def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """The (weight, bias) of the single conv equal to the branches with their BNs in inference mode.
+        Differentiable, so it can stand in for the branches while training (e.g. for a weight penalty)."""
+        if self.reparam_conv is not None:
+            return self.reparam_conv.weight, self.reparam_conv.bias
+        k = (self.kernel_size, self.kernel_size)
+        weight, bias = self.conv_kxk.fused_weight_bias()
+        if self.conv_1x1 is not None:
+            w1, b1 = self.conv_1x1.fused_weight_bias()
+            weight = weight + pad_to(w1, k)
+            bias = bias + b1
+        if self.identity is not None:
+            kernel = identity_kernel(self.out_chs, self.in_chs // self.groups, k, weight)
+            wi, bi = fold_bn(kernel, None, self.identity, "vitops.layers.RepVGGBlock")
+            weight = weight + wi
+            bias = bias + bi
+        return weight, bias
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replaces the branches by `reparam_conv`, in place. Uses the BNs' running statistics. Idempotent."""
+        if self.reparam_conv is not None:
+            return
+        weight, bias = self.get_equivalent_kernel_bias()
+        template = self.conv_kxk.conv
+        self.reparam_conv = new_conv_like(template, weight, bias, template.kernel_size, template.padding)
+        self.conv_kxk = self.conv_1x1 = self.identity = None
