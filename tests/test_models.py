@@ -724,3 +724,13 @@ def test_forward_intermediates_match_timm(name, kwargs, size):
         ref_only = reference.forward_intermediates(x, indices=[0], intermediates_only=True)
     assert len(only) == 1
     torch.testing.assert_close(only[0], ref_only[0])
+
+
+@pytest.mark.skipif(not hasattr(vitops, "reparameterize"), reason="vitops.reparameterize not in this build")
+def test_vitops_reparameterize_on_repvgg():
+    model = perturb_(vitops.create_model("repvgg_a0", num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fused, _ = vitops.reparameterize(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
