@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitops.layers import RepVGGBlock
 from vitops.models._builder import build_model_with_cfg
 from vitops.models._common import ClassifierHead, check_input
 from vitops.models._registry import register_model, register_pretrained_cfgs
@@ -33,7 +34,8 @@ def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
 
 
 class _RepVGGBlock(nn.Module):
-    """A RepVGG block in plain PyTorch, with vitops.layers.RepVGGBlock's signature; used where that isn't built.
+    """A RepVGG block in plain PyTorch with vitops.layers.RepVGGBlock's signature and state_dict, for
+    torch.jit.script and ONNX export.
     `act(bn(conv_kxk(x)) + bn(conv_1x1(x)) + bn(x))`, `reparameterize()` folds it into `reparam_conv`."""
 
     def __init__(
@@ -103,12 +105,6 @@ class _RepVGGBlock(nn.Module):
         self.reparam_conv.weight.copy_(weight)
         self.reparam_conv.bias.copy_(bias)
         self.conv_kxk = self.conv_1x1 = self.identity = None
-
-
-try:
-    from vitops.layers import RepVGGBlock  # the fused-reparameterization block, where built
-except ImportError:
-    RepVGGBlock = _RepVGGBlock
 
 
 class RepVGG(nn.Module):

@@ -1,5 +1,5 @@
 """Vision Transformer (Dosovitskiy et al. 2020) with timm 1.0's module names, parameter shapes and forward: timm
-checkpoints load strict=True and give the same outputs. Blocks use vitops' fused Attention (where built) and end
+checkpoints load strict=True and give the same outputs. Blocks use vitops' fused Attention and end
 each residual in a fused `x + drop_path(ls(branch))` (vitops.ops.drop_path_add, LayerScale folded in)."""
 
 from functools import partial
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.jit import Final
 
-from vitops.layers import LayerScale
+from vitops.layers import Attention, LayerScale
 from vitops.models._builder import build_model_with_cfg, resample_abs_pos_embed
 from vitops.models._common import check_input, make_drop_path
 from vitops.models._registry import register_model, register_pretrained_cfgs
@@ -20,7 +20,7 @@ __all__ = ["VisionTransformer", "Block", "Attention", "checkpoint_filter_fn"]
 
 class _SdpaAttention(nn.Module):
     """Multi-head self-attention with timm's submodule and parameter names (qkv, q_norm, k_norm, attn_drop, norm,
-    proj, proj_drop), on F.scaled_dot_product_attention. Used where vitops.layers.Attention isn't built."""
+    proj, proj_drop), on F.scaled_dot_product_attention: the plain path for torch.jit.script and ONNX export."""
 
     def __init__(
         self,
@@ -59,22 +59,9 @@ class _SdpaAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-try:
-    from vitops.layers import Attention as _VitopsAttention  # the fused attention, where built
-except ImportError:
-    _VitopsAttention = None
-
-Attention = _VitopsAttention if _VitopsAttention is not None else _SdpaAttention
-
-
 def make_attention(plain: bool, **kwargs) -> nn.Module:
-    """vitops' fused Attention, or the plain SDPA one for scriptable / exportable models or where it's missing."""
-    if not plain and _VitopsAttention is not None:
-        try:
-            return _VitopsAttention(**kwargs)
-        except TypeError:  # an Attention with another signature: keep the model buildable
-            pass
-    return _SdpaAttention(**kwargs)
+    """vitops' fused Attention, or the plain SDPA one for scriptable / exportable models."""
+    return _SdpaAttention(**kwargs) if plain else Attention(**kwargs)
 
 
 class Mlp(nn.Module):
