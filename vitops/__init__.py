@@ -5,6 +5,8 @@ from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
 from vitops.patch import PatchReport, patch_model
 from vitops.reparam import ReparamReport, reparameterize
+from vitops import loss, models  # noqa: E402,F401
+from vitops.models import create_model, list_models  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,3 +24,4 @@ __all__ = [
     "utils",
     "__version__",
 ]
+__all__ += ["create_model", "list_models", "loss", "models"]
