@@ -1,12 +1,11 @@
-"""vitops: fused ops, optimizers and timm-compatible layers for vision transformers and CNNs."""
-from vitops import ops, layers  # noqa: F401  (importing ops registers every custom op)
-from vitops import optim, utils  # noqa: F401  (importing optim registers the optimizer-step ops)
+"""vitops: fused ops, optimizers and timm-compatible layers and models for vision transformers and CNNs."""
+# Importing ops and optim registers every custom op.
+from vitops import layers, loss, models, ops, optim, utils
 from vitops._backend import BACKENDS, use_backend
 from vitops._info import backend_info
+from vitops.models import create_model, list_models
 from vitops.patch import PatchReport, patch_model
 from vitops.reparam import ReparamReport, reparameterize
-from vitops import loss, models  # noqa: E402,F401
-from vitops.models import create_model, list_models  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -15,7 +14,11 @@ __all__ = [
     "PatchReport",
     "ReparamReport",
     "backend_info",
+    "create_model",
     "layers",
+    "list_models",
+    "loss",
+    "models",
     "ops",
     "optim",
     "patch_model",
@@ -24,4 +27,3 @@ __all__ = [
     "utils",
     "__version__",
 ]
-__all__ += ["create_model", "list_models", "loss", "models"]
