@@ -91,6 +91,28 @@ void forward_kernel(
   });
 }
 
+// sum(a[j] * b[j]) over independent lanes: a single running sum is one long dependency chain that the compiler
+// may not reorder, so it neither vectorizes nor hides the add latency.
+template <typename acc_t, typename a_t, typename b_t>
+inline acc_t dot(const a_t* __restrict__ a, const b_t* __restrict__ b, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      lanes[l] += acc_t(a[j + l]) * acc_t(b[j + l]);
+    }
+  }
+  for (; j < n; ++j) {
+    lanes[0] += acc_t(a[j]) * acc_t(b[j]);
+  }
+  acc_t sum = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    sum += lanes[l];
+  }
+  return sum;
+}
+
 template <typename out_t, typename branch_t>
 void backward_kernel(
     const out_t* grad_out,
@@ -137,11 +159,7 @@ void backward_kernel(
               acc[j] += (acc_t(go[j]) * s) * acc_t(b[j]);
             }
           } else {
-            acc_t sum = 0;
-            for (int64_t j = 0; j < n; ++j) {
-              sum += acc_t(go[j]) * acc_t(b[j]);
-            }
-            partial[channel] += sum * s;
+            partial[channel] += dot<acc_t>(go, b, n) * s;
           }
         }
       });
