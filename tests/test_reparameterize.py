@@ -12,6 +12,7 @@ import vitops
 from vitops import _backend, _extension
 from vitops.layers import ACBlock, ConvNormAct, RepVGGBlock
 from vitops.ops import fuse_conv_bn, reference
+from tests.triton_aot import assert_compiles_for_sm90
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -247,36 +248,31 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.skipif(_backend.TRITON_BLOCKER is not None, reason="needs triton")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter does not compile kernels")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
 def test_triton_kernel_compiles_for_sm90(dtype):
-    """Compiles the Triton kernel ahead of time for an H100, without a GPU: catches kernels that only the
-    interpreter accepts, and checks float32 uses IEEE-rounded sqrt and division."""
-    triton = pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError as error:
-        pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
+    """The Triton kernel compiles for an H100 without a GPU (tests/triton_aot.py), and float32 uses IEEE-rounded
+    sqrt and division."""
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    assert_compiles_for_sm90(
+        f"""
     from vitops.ops.triton.fuse_conv_bn import _fuse_conv_bn_kernel
 
-    acc = "fp64" if dtype == "fp64" else "fp32"
     signature = dict(
-        weight_ptr=f"*{dtype}", bias_ptr="constexpr", mean_ptr=f"*{acc}", var_ptr=f"*{acc}", gamma_ptr=f"*{acc}",
-        beta_ptr=f"*{acc}", fused_weight_ptr=f"*{dtype}", fused_bias_ptr=f"*{dtype}", channels="i32",
+        weight_ptr="*{dtype}", bias_ptr="constexpr", mean_ptr="*{acc}", var_ptr="*{acc}", gamma_ptr="*{acc}",
+        beta_ptr="*{acc}", fused_weight_ptr="*{dtype}", fused_bias_ptr="*{dtype}", channels="i32",
         per_channel="i32", eps="fp32",
-    )  # fmt: skip
+    )
     constants = dict(
         bias_ptr=None, HAS_BIAS=False, HAS_GAMMA=True, HAS_BETA=True, BLOCK_C=4, BLOCK_K=1024,
-        ACC=triton.language.float64 if acc == "fp64" else triton.language.float32, IS_FP64=acc == "fp64",
-    )  # fmt: skip
-    signature.update({name: "constexpr" for name in constants})
-    source = ASTSource(fn=_fuse_conv_bn_kernel, signature=signature, constexprs=constants)
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-    if acc == "fp32":
+        ACC=tl.{"float64" if acc == "fp64" else "float32"}, IS_FP64={acc == "fp64"},
+    )
+    ptx = compile(_fuse_conv_bn_kernel, signature, constants)
+    if "{acc}" == "fp32":
         assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     else:
         assert "sqrt.rn.f64" in ptx
+    """
+    )
 
 
 @pytest.mark.cuda

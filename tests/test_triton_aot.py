@@ -1,18 +1,10 @@
-"""Triton kernels compile for an H100 ahead of time, without a GPU. The interpreter accepts code that the
-compiler rejects, so CI (which has no GPU) compiles every kernel for sm_90 in a subprocess without the
-interpreter."""
-import os
-import subprocess
-import sys
-import textwrap
+"""The drop_path_add Triton kernels compile for an H100 ahead of time (see tests/triton_aot.py)."""
+from tests.triton_aot import assert_compiles_for_sm90
 
-import pytest
 
-SCRIPT = textwrap.dedent(
-    """
-    import triton, triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def test_drop_path_add_triton_kernels_compile_for_sm90():
+    assert_compiles_for_sm90(
+        """
     from vitops.ops.triton import drop_path_add as k
 
     def compile(fn, signature, constants, **options):
@@ -37,16 +29,5 @@ SCRIPT = textwrap.dedent(
                  rows_per_sample="i32"),
             dict(HAS_GAMMA=True, HAS_SCALE=True, NEED_BRANCH_GRAD=True, NEED_GAMMA_GRAD=True, **blocks),
         )
-    print("compiled")
-    """
-)
-
-
-def test_drop_path_add_triton_kernels_compile_for_sm90():
-    pytest.importorskip("triton.backends.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    if "No module named" in result.stderr and "triton.backends" in result.stderr:
-        pytest.skip("this triton has no ahead-of-time compile API")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled" in result.stdout
+        """
+    )
