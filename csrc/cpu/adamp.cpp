@@ -9,7 +9,7 @@
 // is multiplying by its reciprocal.
 #include "../optim.h"
 #include "multi_tensor.h"
-#include "optim_simd.h"
+#include "optim_simd_dtype.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -82,11 +82,6 @@ inline __attribute__((always_inline)) void adamp_segment_body(
       sums[q] = s[q];
     }
   }
-}
-
-template <typename T>
-constexpr int simd_dtype() {
-  return std::is_same_v<T, float> ? simd::kF32 : std::is_same_v<T, c10::Half> ? simd::kF16 : simd::kBF16;
 }
 
 // The AVX2 kernels where the CPU has them, else the scalar ones (same operations, same order).

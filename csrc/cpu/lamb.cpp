@@ -10,7 +10,7 @@
 //   u = u + wd * p' [coupled];  p = p' + (-lr) * (u * ratio)
 #include "../optim.h"
 #include "multi_tensor.h"
-#include "optim_simd.h"
+#include "optim_simd_dtype.h"
 
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -91,11 +91,6 @@ inline __attribute__((always_inline)) void lamb_segment_body(
     sums[0] = pp;
     sums[1] = uu;
   }
-}
-
-template <typename T>
-constexpr int simd_dtype() {
-  return std::is_same_v<T, float> ? simd::kF32 : std::is_same_v<T, c10::Half> ? simd::kF16 : simd::kBF16;
 }
 
 // The AVX2 kernels where the CPU has them, else the scalar ones (same operations, same order).
