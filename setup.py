@@ -75,8 +75,14 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     cxx = opt + ["-ffp-contract=off", "-Wall", "-Wno-unused-function"]
+    link = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is a header template: without -fopenmp it silently runs on one thread. The library
+        # linked is torch's own libgomp.so.1, already loaded, so there is one OpenMP thread pool.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if not with_cuda:
-        return [CppExtension("vitops._C", sources, extra_compile_args={"cxx": cxx})]
+        return [CppExtension("vitops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     nvcc = opt + ["-G"] * DEBUG + [
@@ -91,6 +97,7 @@ def extensions():
             sources,
             include_dirs=pip_nvidia_include_dirs(),
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=link,
         )
     ]
 

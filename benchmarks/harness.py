@@ -56,6 +56,27 @@ def measure_ms(fn: Callable[[], object], device: str, quick: bool = False) -> fl
     return statistics.median(times) * 1e3
 
 
+def measure_ms_interleaved(fns: dict[str, Callable[[], object]], device: str, quick: bool = False) -> dict[str, float]:
+    """measure_ms for several implementations of the same thing. On the CPU they take turns, one call each per
+    round, so that a slow spell of a shared machine hits them all alike and their ratios hold; on the GPU each
+    is timed on its own (CUDA events are not disturbed that way)."""
+    if device == "cuda":
+        return {name: measure_ms(fn, device, quick) for name, fn in fns.items()}
+    for fn in fns.values():  # warm-up
+        fn()
+    budget_s = (0.3 if quick else 1.0) * len(fns)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < budget_s and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(device: str, quick: bool = False) -> float:
     """Bytes read plus bytes written per second by a plain device-to-device copy, the practical memory roofline."""

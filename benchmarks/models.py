@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import vitops
-from benchmarks.harness import add_speedups, measure_ms, row
+from benchmarks.harness import add_speedups, measure_ms_interleaved, row
 
 try:
     import timm
@@ -79,7 +79,7 @@ def run(device: str, quick: bool) -> list[dict]:
         if device == "cuda" and name.startswith("resnet"):
             x = x.contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 1000, (batch,), device=device)
-        models = {}
+        models, steps = {}, {}
         for provider, (source, make_opt) in _providers(device).items():
             torch.manual_seed(0)
             model = _make_model(source, name, kwargs, device).train()
@@ -95,17 +95,20 @@ def run(device: str, quick: bool) -> list[dict]:
 
             for _ in range(3):  # allocate optimizer state, warm the allocator, outside the timing
                 step()
-            ms = measure_ms(step, device, quick)
+            steps[provider] = step
+        for provider, ms in measure_ms_interleaved(steps, device, quick).items():
             rows.append(row(op="train_step", case=case, provider=provider, mode="train", ms=ms, device=device,
                             quick=quick, images_per_s=round(batch / (ms * 1e-3), 1), amp=amp))  # fmt: skip
-        for source, model in models.items():
+        del steps
+
+        def infer(model):
+            with torch.no_grad(), _autocast(device):
+                return model(x)
+
+        for model in models.values():
             model.eval()
-
-            def infer(model=model):
-                with torch.no_grad(), _autocast(device):
-                    return model(x)
-
-            ms = measure_ms(infer, device, quick)
+        infers = {source: (lambda model=model: infer(model)) for source, model in models.items()}
+        for source, ms in measure_ms_interleaved(infers, device, quick).items():
             rows.append(row(op="inference", case=case, provider=source, mode="eval", ms=ms, device=device,
                             quick=quick, images_per_s=round(batch / (ms * 1e-3), 1), amp=amp))  # fmt: skip
     add_speedups(rows, BASELINE)

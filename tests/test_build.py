@@ -20,3 +20,13 @@ def test_cuda_kernels_built_where_possible():
     if not buildable or os.environ.get("VITOPS_BUILD_CUDA") == "0":
         pytest.skip("no CUDA toolkit and CUDA torch here")
     assert all(_extension.has_compiled_kernel(op, "CUDA") for op in _extension.SCHEMAS)
+
+
+@pytest.mark.skipif(_extension.LOAD_ERROR is not None, reason="extension not built")
+def test_cpu_kernels_built_with_openmp():
+    # at::parallel_for is a header template: an extension compiled without OpenMP runs every CPU kernel on one
+    # thread, silently. The library then names libgomp among its dependencies.
+    if not torch.backends.openmp.is_available():
+        pytest.skip("this torch does not use OpenMP")
+    with open(_extension._C.__file__, "rb") as library:
+        assert b"libgomp" in library.read()

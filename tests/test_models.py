@@ -726,7 +726,26 @@ def test_forward_intermediates_match_timm(name, kwargs, size):
     torch.testing.assert_close(only[0], ref_only[0])
 
 
-@pytest.mark.skipif(not hasattr(vitops, "reparameterize"), reason="vitops.reparameterize not in this build")
+@pytest.mark.parametrize("name", ["resnet18", "resnet50d", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_models_trace_with_torch_fx(name):
+    # The fused ops are fx leaves, so tools built on symbolic tracing (vitops.reparameterize's Conv -> BatchNorm
+    # search, timm's feature extraction) see the whole model.
+    model = vitops.create_model(name, num_classes=10).eval()
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+
+
+def test_vitops_reparameterize_folds_every_resnet_bn():
+    model = perturb_(vitops.create_model("resnet50d", num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fused, report = vitops.reparameterize(model)
+    assert report.pair_search == "fx" and report.conv_bn_pairs == report.bns_before == 55 and report.bns_after == 0
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
 def test_vitops_reparameterize_on_repvgg():
     model = perturb_(vitops.create_model("repvgg_a0", num_classes=10)).eval()
     x = torch.randn(2, 3, 64, 64)

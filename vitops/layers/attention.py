@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from typing import Optional, Type
 
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitops.ops.attention import MAX_HEAD_DIM, attention, attention_packed
+
+# Leaves of a torch.fx trace: their argument checks can't run on proxies.
+torch.fx.wrap("attention")
+torch.fx.wrap("attention_packed")
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:

@@ -1,9 +1,15 @@
 """DropPath, a drop-in for timm.layers.DropPath backed by vitops.ops.drop_path."""
 from typing import Optional
 
+import torch.fx
 from torch import Tensor, nn
 
 from vitops.ops.drop_path import drop_path, drop_path_add
+
+# Leaves of a torch.fx trace (their argument checks can't run on proxies), so models built from these layers
+# trace, e.g. for vitops.reparameterize's Conv -> BatchNorm search.
+torch.fx.wrap("drop_path")
+torch.fx.wrap("drop_path_add")
 
 
 class DropPath(nn.Module):

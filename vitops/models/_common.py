@@ -104,6 +104,8 @@ def check_input(x: Tensor, in_chans: int, model: str, min_size: int = 1, fixed_s
     """Clear errors for inputs a model can't take (skipped under scripting/tracing)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return
+    if isinstance(x, torch.fx.Proxy):  # symbolic tracing (vitops.reparameterize's pair search, timm's features)
+        return
     if x.ndim != 4:
         raise ValueError(f"vitops {model}: expected a 4-d (N, C, H, W) image batch, got shape {tuple(x.shape)}")
     if x.shape[1] != in_chans:
