@@ -19,6 +19,10 @@ TORCH_LIBRARY(vitops, m) {
       "Tensor? clip_coef, float lr, float beta1, float beta2, float beta3, float bias_correction1, "
       "float bias_correction2, float eps, float weight_decay, float decay_scale, bool decoupled_decay, "
       "bool adapt, bool trust_clip) -> ()");
+  // LAMB's global clipping coefficient max(1, ||all grads||_2 / max_grad_norm), a float32 0-d tensor on the
+  // grads' device, computed without a host sync. Compiled for CPU only: on CUDA, torch._foreach_norm already is
+  // a multi-tensor kernel.
+  m.def("lamb_clip_coef(Tensor[] grads, float max_grad_norm) -> Tensor");
   // AdamP with timm's math; the bias corrections are per param (AdamP counts steps per param).
   m.def(
       "adamp_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

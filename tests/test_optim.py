@@ -486,6 +486,33 @@ def test_opcheck(name, backend):
     torch.library.opcheck(_op(name, backend), make(torch.bfloat16))
 
 
+def _clip_grads():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=gen) for s in ((383,), (64, 197), (3 * 2**14 + 5,), (0,), (7, 3, 3, 3))]
+    grads[2] = grads[2] * 100  # the norm is above max_grad_norm: the coefficient is not the clamp's 1
+    return [grads[0].bfloat16(), grads[1].t(), grads[2], grads[3], grads[4].double()]
+
+
+def test_lamb_clip_coef_matches_reference():
+    """Mixed dtypes, a non-contiguous grad, an empty one, and one spanning several chunks."""
+    grads = _clip_grads()
+    got = torch.ops.vitops.lamb_clip_coef(grads, 2.0)
+    want = reference.lamb_clip_coef(grads, 2.0)
+    assert got.dtype == torch.float32 and got.shape == () and float(got) > 1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert float(torch.ops.vitops.lamb_clip_coef([torch.zeros(3)], 1.0)) == 1.0
+    torch.library.opcheck(torch.ops.vitops.lamb_clip_coef, (grads, 2.0))
+
+
+def test_lamb_clip_coef_bad_input():
+    with pytest.raises(NotImplementedError, match="empty list of Tensors"):  # the dispatcher's own message
+        torch.ops.vitops.lamb_clip_coef([], 1.0)
+    with pytest.raises((ValueError, RuntimeError), match="max_grad_norm must be > 0"):
+        torch.ops.vitops.lamb_clip_coef([torch.ones(2)], 0.0)
+    with pytest.raises((ValueError, RuntimeError), match="floating point|dtype"):
+        torch.ops.vitops.lamb_clip_coef([torch.ones(2, dtype=torch.int64)], 1.0)
+
+
 @pytest.mark.parametrize("name", list(OPS))
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_op_matches_reference(name, backend):

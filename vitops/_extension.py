@@ -21,6 +21,7 @@ SCHEMAS = {
         "float bias_correction2, float eps, float weight_decay, float decay_scale, bool decoupled_decay, "
         "bool adapt, bool trust_clip) -> ()"
     ),
+    "lamb_clip_coef": "lamb_clip_coef(Tensor[] grads, float max_grad_norm) -> Tensor",
     "adamp_step": (
         "adamp_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "float[] bias_correction1, float[] bias_correction2, float lr, float beta1, float beta2, float eps, "

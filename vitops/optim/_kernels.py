@@ -1,6 +1,6 @@
-"""The fused optimizer-step ops: vitops::lamb_step and vitops::adamp_step (schemas in csrc/vitops.cpp), their
-fake kernels, their Python fallbacks where vitops._C brought no kernel, and the Triton variants
-vitops::lamb_step_triton / vitops::adamp_step_triton.
+"""The fused optimizer-step ops: vitops::lamb_step, vitops::adamp_step and LAMB's global clipping coefficient
+vitops::lamb_clip_coef (schemas in csrc/vitops.cpp), their fake kernels, their Python fallbacks where vitops._C
+brought no kernel, and the Triton variants vitops::lamb_step_triton / vitops::adamp_step_triton.
 
 Both ops update params, exp_avgs and exp_avg_sqs in place and return nothing. The kernels take float32, float16
 and bfloat16 params (grads of the param's dtype) with float32 moments, all contiguous; the optimizers send any
@@ -27,6 +27,10 @@ for _op in OPS:
     _backend.register_op(
         _op, has_triton=True, triton_blocker=_TRITON_ERROR, preference={"cuda": ("triton", "cuda", "torch")}
     )
+
+# The clipping coefficient has a compiled CPU kernel only: on CUDA the reference's torch._foreach_norm already is
+# a multi-tensor kernel.
+_backend.register_op("lamb_clip_coef", has_triton=False)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -56,6 +60,29 @@ for _key in _extension.DISPATCH_KEYS:
             impl = getattr(_triton, f"{_op}_triton") if use_triton else _ref
             torch.library.impl(f"vitops::{_op}", _key)(impl)
 
+def _check_clip_args(grads, max_grad_norm) -> None:
+    if not grads:
+        raise ValueError("vitops.lamb_clip_coef: grads is empty")
+    if not max_grad_norm > 0:
+        raise ValueError(f"vitops.lamb_clip_coef: max_grad_norm must be > 0, got {max_grad_norm}")
+
+
+def _lamb_clip_coef_reference(grads, max_grad_norm):
+    _check_clip_args(grads, max_grad_norm)
+    return reference.lamb_clip_coef(grads, max_grad_norm)
+
+
+def _lamb_clip_coef_fake(grads, max_grad_norm):
+    _check_clip_args(grads, max_grad_norm)
+    return grads[0].new_empty((), dtype=torch.float32)
+
+
+for _key in _extension.DISPATCH_KEYS:
+    if not _extension.has_compiled_kernel("lamb_clip_coef", _key):
+        torch.library.impl("vitops::lamb_clip_coef", _key)(_lamb_clip_coef_reference)
+torch.library.register_fake("vitops::lamb_clip_coef")(_lamb_clip_coef_fake)
+
+
 torch.library.register_fake("vitops::lamb_step")(_lamb_fake)
 torch.library.register_fake("vitops::adamp_step")(_adamp_fake)
 
@@ -78,6 +105,12 @@ def lamb_step(backend: str, *args) -> None:
         torch.ops.vitops.lamb_step_triton(*args)
     else:
         torch.ops.vitops.lamb_step(*args)
+
+
+def lamb_clip_coef(backend: str, grads: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
+    if backend == "cpu":
+        return torch.ops.vitops.lamb_clip_coef(grads, max_grad_norm)
+    return reference.lamb_clip_coef(grads, max_grad_norm)
 
 
 def adamp_step(backend: str, *args) -> None:

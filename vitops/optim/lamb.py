@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from vitops import _backend
 from vitops.optim import _kernels, reference
 from vitops.optim._base import FusedOptimizer, check_nonnegative
 
@@ -80,11 +81,17 @@ class Lamb(FusedOptimizer):
 
     def _clip_coefs(self) -> dict[torch.device, torch.Tensor] | None:
         """The global clip coefficient, one copy per device holding params."""
+        max_grad_norm = self.defaults["max_grad_norm"]
         grads = [self._grad_of(p) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        coef = reference.lamb_clip_coef(grads, self.defaults["max_grad_norm"])
-        if coef is None:
+        if max_grad_norm is None or not grads:
             return None
-        return {g.device: coef.to(g.device) for g in grads}
+        devices = {g.device for g in grads}
+        backend = "torch"  # float64 params, or params on several devices: all of it on the reference path
+        device_type = next(iter(devices)).type if len(devices) == 1 else None
+        if device_type in _backend.DEVICE_TYPES and all(g.dtype in _kernels.KERNEL_DTYPES for g in grads):
+            backend = _backend.backend_for("lamb_step", device_type)
+        coef = _kernels.lamb_clip_coef(backend, grads, max_grad_norm)
+        return {device: coef.to(device) for device in devices}
 
     @torch.no_grad()
     def step(self, closure=None):
