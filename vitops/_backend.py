@@ -43,9 +43,11 @@ def register_op(
     has_triton: bool,
     triton_blocker: str | None = None,
     preference: dict[str, tuple[str, ...]] | None = None,
+    cuda_blocker: str | None = None,
 ) -> None:
     """Records where `op` can run. `triton_blocker` says why its Triton kernels failed to import, if they did;
-    `preference` (device type -> backends, best first) overrides the default order for this op."""
+    `preference` (device type -> backends, best first) overrides the default order for this op; `cuda_blocker`
+    says why an op has no compiled CUDA kernel by design."""
     _OP_PREFERENCE[op] = dict(preference or {})
     table = {}
     for device_type in DEVICE_TYPES:
@@ -54,6 +56,8 @@ def register_op(
         for backend in ("cuda", "cpu"):
             if backend != device_type:
                 reasons[backend] = f"runs {backend.upper()} tensors only"
+            elif backend == "cuda" and cuda_blocker:
+                reasons[backend] = cuda_blocker
             elif _extension.has_compiled_kernel(op, key):
                 reasons[backend] = None
             elif _extension.LOAD_ERROR:

@@ -28,9 +28,11 @@ for _op in OPS:
         _op, has_triton=True, triton_blocker=_TRITON_ERROR, preference={"cuda": ("triton", "cuda", "torch")}
     )
 
-# The clipping coefficient has a compiled CPU kernel only: on CUDA the reference's torch._foreach_norm already is
-# a multi-tensor kernel.
-_backend.register_op("lamb_clip_coef", has_triton=False)
+_backend.register_op(
+    "lamb_clip_coef",
+    has_triton=False,
+    cuda_blocker="none by design: the reference's torch._foreach_norm already is a multi-tensor CUDA kernel",
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
