@@ -156,12 +156,15 @@ def test_timm_checkpoint_loads_strict_and_matches(name, kwargs, size):
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet50d", {}),
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64)),
+    ("repvgg_a0", {}),
+    ("repvgg_a0", dict(scriptable=True)),
 ])
 def test_training_with_drop_path_matches_timm_for_a_seed(name, kwargs):
     """Stochastic depth draws its masks as timm does: same seed, same train-mode outputs and gradients (the ViT
     with LayerScale, whose gamma is fused into the residual add)."""
-    reference = timm.create_model(name, drop_path_rate=0.5, init_values=0.1, **kwargs) if "vit" in name else \
-        timm.create_model(name, drop_path_rate=0.5, **kwargs)
+    timm_kwargs = {k: v for k, v in kwargs.items() if k != "scriptable"}
+    reference = timm.create_model(name, drop_path_rate=0.5, init_values=0.1, **timm_kwargs) if "vit" in name else \
+        timm.create_model(name, drop_path_rate=0.5, **timm_kwargs)
     kwargs = dict(kwargs, init_values=0.1) if "vit" in name else kwargs
     model = vitops.create_model(name, drop_path_rate=0.5, **kwargs)
     model.load_state_dict(perturb_(reference).state_dict())

@@ -7,11 +7,13 @@ from torch import Tensor, nn
 
 from vitops.layers._fusion import check_groups, check_odd_kernel, fold_bn, identity_kernel, new_conv_like, pad_to
 from vitops.layers.conv_norm_act import ConvNormAct
+from vitops.layers.drop_path import DropPath
 
 
 class RepVGGBlock(nn.Module):
     """`act(bn(conv_kxk(x)) + bn(conv_1x1(x)) + bn(x))`, the identity branch present when in_chs == out_chs,
-    stride == 1 and `use_identity`. `reparameterize()` replaces the branches by `reparam_conv`, one biased
+    stride == 1 and `use_identity`. With `drop_path` > 0 the conv branches are dropped per sample while training
+    (timm's RepVggBlock does the same; it folds into the identity add with vitops.ops.drop_path_add). `reparameterize()` replaces the branches by `reparam_conv`, one biased
     k x k conv computing the same function with the BatchNorms in inference mode:
     `K = K_kxk + pad(K_1x1) + K_id` with the identity kernel 1 at [i, i % (in_chs / groups), k // 2, k // 2],
     each BN folded into its branch first, and the biases summed.
@@ -21,6 +23,7 @@ class RepVGGBlock(nn.Module):
         kernel_size: odd int. stride, dilation, groups: as nn.Conv2d; padding keeps the size at stride 1.
         act_layer: the activation's class (None for none).
         use_identity: add the identity BN branch where shapes allow.
+        drop_path: stochastic depth rate of the conv branches (blocks with an identity branch only).
         inference_mode: build the re-parameterized form directly, to load a deploy checkpoint.
     """
 
@@ -34,6 +37,7 @@ class RepVGGBlock(nn.Module):
         groups: int = 1,
         act_layer: type[nn.Module] | None = nn.ReLU,
         use_identity: bool = True,
+        drop_path: float = 0.0,
         inference_mode: bool = False,
         device=None,
         dtype=None,
@@ -47,7 +51,7 @@ class RepVGGBlock(nn.Module):
         padding = dilation * (kernel_size // 2)
         factory = dict(device=device, dtype=dtype)
         self.reparam_conv = None
-        self.conv_kxk = self.conv_1x1 = self.identity = None
+        self.conv_kxk = self.conv_1x1 = self.identity = self.drop_path = None
         if inference_mode:
             self.reparam_conv = nn.Conv2d(
                 in_chs, out_chs, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -61,16 +65,20 @@ class RepVGGBlock(nn.Module):
                 self.conv_1x1 = ConvNormAct(in_chs, out_chs, 1, stride, 0, 1, groups, apply_act=False, **factory)
             if use_identity and in_chs == out_chs and stride == 1:
                 self.identity = nn.BatchNorm2d(out_chs, **factory)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 and self.identity is not None else None
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam_conv is not None:
             return self.act(self.reparam_conv(x))
+        shortcut = self.identity(x) if self.identity is not None else None
         out = self.conv_kxk(x)
         if self.conv_1x1 is not None:
             out = out + self.conv_1x1(x)
-        if self.identity is not None:
-            out = out + self.identity(x)
+        if self.drop_path is not None:
+            out = self.drop_path.add(shortcut, out)
+        elif shortcut is not None:
+            out = out + shortcut
         return self.act(out)
 
     def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
@@ -99,4 +107,4 @@ class RepVGGBlock(nn.Module):
         weight, bias = self.get_equivalent_kernel_bias()
         template = self.conv_kxk.conv
         self.reparam_conv = new_conv_like(template, weight, bias, template.kernel_size, template.padding)
-        self.conv_kxk = self.conv_1x1 = self.identity = None
+        self.conv_kxk = self.conv_1x1 = self.identity = self.drop_path = None

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from vitops.layers import RepVGGBlock
 from vitops.models._builder import build_model_with_cfg
-from vitops.models._common import ClassifierHead, check_input
+from vitops.models._common import ClassifierHead, PlainDropPath, check_input
 from vitops.models._registry import register_model, register_pretrained_cfgs
 
 __all__ = ["RepVGG", "RepVGGBlock"]
@@ -48,6 +48,7 @@ class _RepVGGBlock(nn.Module):
         groups: int = 1,
         act_layer: Optional[type] = nn.ReLU,
         use_identity: bool = True,
+        drop_path: float = 0.0,
         inference_mode: bool = False,
     ):
         super().__init__()
@@ -63,16 +64,18 @@ class _RepVGGBlock(nn.Module):
             self.conv_1x1 = _ConvBn(in_chs, out_chs, 1, stride, groups) if kernel_size > 1 else None
             if use_identity and in_chs == out_chs and stride == 1:
                 self.identity = nn.BatchNorm2d(out_chs)
+        self.drop_path = PlainDropPath(drop_path) if self.identity is not None else nn.Identity()
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam_conv is not None:
             return self.act(self.reparam_conv(x))
+        shortcut: Optional[Tensor] = self.identity(x) if self.identity is not None else None
         out = self.conv_kxk(x)
         if self.conv_1x1 is not None:
             out = out + self.conv_1x1(x)
-        if self.identity is not None:
-            out = out + self.identity(x)
+        if shortcut is not None:
+            out = self.drop_path(out) + shortcut
         return self.act(out)
 
     @torch.no_grad()
@@ -105,6 +108,7 @@ class _RepVGGBlock(nn.Module):
         self.reparam_conv.weight.copy_(weight)
         self.reparam_conv.bias.copy_(bias)
         self.conv_kxk = self.conv_1x1 = self.identity = None
+        self.drop_path = nn.Identity()
 
 
 class RepVGG(nn.Module):
@@ -113,7 +117,7 @@ class RepVGG(nn.Module):
 
     Args:
         layers: blocks per stage. widths: channels per stage. stem_chs. num_classes, in_chans, global_pool,
-        drop_rate (before fc), inference_mode (build re-parameterized, to load deploy checkpoints).
+        drop_rate (before fc), drop_path_rate (stochastic depth of the conv branches, as timm), inference_mode (build re-parameterized, to load deploy checkpoints).
     """
 
     def __init__(
@@ -131,8 +135,6 @@ class RepVGG(nn.Module):
         exportable: bool = False,
     ):
         super().__init__()
-        if drop_path_rate:
-            raise ValueError("vitops RepVGG: drop_path_rate is not supported (RepVGG blocks have no drop path)")
         block = _RepVGGBlock if (scriptable or exportable) else RepVGGBlock
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -142,11 +144,14 @@ class RepVGG(nn.Module):
         self._feature_levels = [dict(num_chs=stem_chs, reduction=2, module="stem")]
         stages = []
         in_chs, reduction = stem_chs, 2
+        # timm's spacing: linear over the stages' blocks, the stem excluded
+        rates = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(layers), device="cpu").split(list(layers))]
         for i, (depth, width) in enumerate(zip(layers, widths)):
             reduction *= 2
             blocks = []
             for j in range(depth):
-                blocks.append(block(in_chs, width, 3, stride=2 if j == 0 else 1, inference_mode=inference_mode))
+                blocks.append(block(in_chs, width, 3, stride=2 if j == 0 else 1, drop_path=rates[i][j],
+                                    inference_mode=inference_mode))  # fmt: skip
                 in_chs = width
             stages.append(nn.Sequential(*blocks))
             self._feature_levels.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
