@@ -153,6 +153,24 @@ def test_timm_checkpoint_loads_strict_and_matches(name, kwargs, size):
                                    reference.forward_head(reference.forward_features(x), pre_logits=True))
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_dynamic_img_size_matches_timm(name):
+    reference = timm.create_model(name, dynamic_img_size=True).eval()
+    model = vitops.create_model(name, dynamic_img_size=True).eval()
+    model.load_state_dict(perturb_(reference).state_dict())
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+        maps = model.forward_intermediates(x, indices=1, intermediates_only=True)
+        expected = reference.forward_intermediates(x, indices=1, intermediates_only=True)
+    assert maps[0].shape == (2, model.embed_dim, 6, 10)
+    torch.testing.assert_close(maps[0], expected[0])
+    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+        model(torch.randn(1, 3, 100, 160))
+    with pytest.raises(ValueError, match="can't be scripted"):
+        vitops.create_model(name, dynamic_img_size=True, scriptable=True)
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("resnet50d", {}),
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64)),

@@ -162,11 +162,14 @@ class VisionTransformer(nn.Module):
         img_size, patch_size, in_chans, num_classes, global_pool ('token', 'avg', ''), embed_dim, depth,
         num_heads, mlp_ratio, qkv_bias, qk_norm, init_values (LayerScale; None for none), class_token, drop_rate
         (head), pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate (linspace(0, rate, depth)),
-        scriptable / exportable (plain PyTorch attention and residuals), fc_norm (None: when global_pool is avg).
+        scriptable / exportable (plain PyTorch attention and residuals), fc_norm (None: when global_pool is avg),
+        dynamic_img_size (take any image size that is a multiple of the patch size, resampling pos_embed per
+        forward as timm does).
     """
 
     num_prefix_tokens: Final[int]
     global_pool: Final[str]
+    dynamic_img_size: Final[bool]
 
     def __init__(
         self,
@@ -192,12 +195,15 @@ class VisionTransformer(nn.Module):
         scriptable: bool = False,
         exportable: bool = False,
         num_extra_tokens: int = 0,
+        dynamic_img_size: bool = False,
     ):
         super().__init__()
         if global_pool not in ("", "avg", "token", "max", "avgmax"):
             raise ValueError(f"vitops ViT: unknown global_pool {global_pool!r}; choose 'token', 'avg' or ''")
         if global_pool == "token" and not class_token:
             raise ValueError("vitops ViT: global_pool='token' needs class_token=True")
+        if dynamic_img_size and scriptable:
+            raise ValueError("vitops ViT: dynamic_img_size can't be scripted; use scriptable=False")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         for s in img_size:
             if s % patch_size:
@@ -211,6 +217,7 @@ class VisionTransformer(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = (1 if class_token else 0) + num_extra_tokens
         self.has_class_token = class_token
+        self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -286,19 +293,45 @@ class VisionTransformer(nn.Module):
 
     @torch.jit.unused
     def _check_input(self, x: Tensor) -> None:
-        check_input(x, self.in_chans, type(self).__name__, fixed_size=self.patch_embed.img_size)
+        if not self.dynamic_img_size:
+            check_input(x, self.in_chans, type(self).__name__, fixed_size=self.patch_embed.img_size)
+            return
+        patch = self.patch_embed.patch_size[0]
+        check_input(x, self.in_chans, type(self).__name__, min_size=patch)
+        if isinstance(x, torch.Tensor) and (x.shape[2] % patch or x.shape[3] % patch):
+            raise ValueError(
+                f"vitops {type(self).__name__}: with dynamic_img_size the image sides must be multiples of the "
+                f"patch size {patch}, got {x.shape[2]}x{x.shape[3]}"
+            )
 
-    def _pos_embed(self, x: Tensor) -> Tensor:
+    def _grid(self, x: Tensor) -> Tuple[int, int]:
+        """The patch grid of image batch x."""
+        if not self.dynamic_img_size:
+            return self.patch_embed.grid_size
+        patch = self.patch_embed.patch_size[0]
+        return x.shape[-2] // patch, x.shape[-1] // patch
+
+    @torch.jit.unused
+    def _resampled_pos_embed(self, grid: Tuple[int, int]) -> Tensor:
+        return resample_abs_pos_embed(
+            self.pos_embed, new_size=grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=self.num_prefix_tokens
+        )
+
+    def _pos_embed(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size and not torch.jit.is_scripting():
+            pos_embed = self._resampled_pos_embed(grid)
         to_cat = self._prefix_tokens(x)
         if len(to_cat) > 0:
             x = torch.cat(to_cat + [x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
+        return self.pos_drop(x + pos_embed)
 
     def _embed(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             self._check_input(x)
+        grid = self._grid(x)
         x = self.patch_embed(x)
-        x = self._pos_embed(x)
+        x = self._pos_embed(x, grid)
         return self.norm_pre(self.patch_drop(x))
 
     def forward_features(self, x: Tensor) -> Tensor:
@@ -318,7 +351,7 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def _levels(self, x: Tensor, indices: List[int], stop_early: bool, norm: bool):
         B = x.shape[0]
-        H, W = self.patch_embed.grid_size
+        H, W = self._grid(x)
         wanted = set(indices)
         last = max(indices) if stop_early else len(self.blocks) - 1
         outs = {}
