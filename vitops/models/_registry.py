@@ -11,6 +11,23 @@ _model_to_module: dict[str, str] = {}
 _model_default_cfgs: dict[str, dict] = {}  # arch name -> default pretrained cfg (with 'tag')
 
 
+def pretrained_cfg(url: str = "", **kwargs) -> dict:
+    """A pretrained config with timm's keys; each model family fixes its own values with functools.partial."""
+    return {
+        "url": url,
+        "hf_hub_id": "timm/",
+        "file": None,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        **kwargs,
+    }
+
+
 def register_pretrained_cfgs(cfgs: dict[str, dict]) -> None:
     """Records pretrained configs keyed 'arch.tag' (or 'arch'); the first given for an arch is its default."""
     for full_name, cfg in cfgs.items():

@@ -1,12 +1,13 @@
 """DeiT (Touvron et al. 2020): ViTs trained with distillation, and the distilled variants with a distillation
 token and head. Names and outputs as timm 1.0's deit.py."""
 
+from functools import partial
 from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
 
-from vitops.models._registry import register_model, register_pretrained_cfgs
+from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 from vitops.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
 __all__ = ["VisionTransformerDistilled"]
@@ -65,23 +66,7 @@ class VisionTransformerDistilled(VisionTransformer):
         return (x + x_dist) / 2
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "hf_hub_id": "timm/",
-        "file": None,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
+_cfg = partial(pretrained_cfg, fixed_input_size=True, first_conv="patch_embed.proj", classifier="head")
 
 
 _FB = "https://dl.fbaipublicfiles.com/deit/"

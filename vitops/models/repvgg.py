@@ -3,6 +3,7 @@ training), re-parameterized into plain 3x3 convs for inference with `model.repar
 widths, module names and parameter shapes as timm's repvgg_a0..b1 (byobnet: stem, stages.N.M, head.fc), so timm
 RepVGG checkpoints load strict=True."""
 
+from functools import partial
 from typing import List, Optional, Tuple
 
 import torch
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from vitops.layers import RepVGGBlock
 from vitops.models._builder import build_model_with_cfg
 from vitops.models._common import ClassifierHead, PlainDropPath, check_input
-from vitops.models._registry import register_model, register_pretrained_cfgs
+from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["RepVGG", "RepVGGBlock"]
 
@@ -233,22 +234,10 @@ class RepVGG(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "hf_hub_id": "timm/",
-        "file": None,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.875,
-        "interpolation": "bilinear",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": ("stem.conv_kxk.conv", "stem.conv_1x1.conv"),
-        "classifier": "head.fc",
-        **kwargs,
-    }
+_cfg = partial(
+    pretrained_cfg, pool_size=(7, 7), interpolation="bilinear", first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv"),
+    classifier="head.fc",
+)
 
 
 _REL = "https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-tpu-weights/"

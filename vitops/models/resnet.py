@@ -3,6 +3,7 @@ forward: timm checkpoints load strict=True and give the same outputs. Each block
 `act(shortcut + drop_path(branch))` (vitops.ops.drop_path_add)."""
 
 import math
+from functools import partial
 from typing import List, Optional, Tuple, Type
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from vitops.models._builder import build_model_with_cfg
 from vitops.models._common import SelectAdaptivePool2d, check_input, make_drop_path
-from vitops.models._registry import register_model, register_pretrained_cfgs
+from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
 
@@ -316,24 +317,10 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "hf_hub_id": "timm/",
-        "file": None,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.95,
-        "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "test_input_size": (3, 288, 288),
-        "test_crop_pct": 1.0,
-        **kwargs,
-    }
+_cfg = partial(
+    pretrained_cfg, pool_size=(7, 7), crop_pct=0.95, first_conv="conv1", classifier="fc",
+    test_input_size=(3, 288, 288), test_crop_pct=1.0,
+)
 
 
 _RSB = "https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-rsb-weights/"

@@ -13,7 +13,7 @@ from torch.jit import Final
 from vitops.layers import Attention, LayerScale
 from vitops.models._builder import build_model_with_cfg, resample_abs_pos_embed
 from vitops.models._common import check_input, make_drop_path
-from vitops.models._registry import register_model, register_pretrained_cfgs
+from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["VisionTransformer", "Block", "Attention", "checkpoint_filter_fn"]
 
@@ -416,23 +416,10 @@ def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
     return out
 
 
-def _cfg(url: str = "", **kwargs) -> dict:
-    return {
-        "url": url,
-        "hf_hub_id": "timm/",
-        "file": None,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "fixed_input_size": True,
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        **kwargs,
-    }
+_cfg = partial(
+    pretrained_cfg, crop_pct=0.9, fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+    first_conv="patch_embed.proj", classifier="head",
+)
 
 
 _AUGREG = "https://storage.googleapis.com/vit_models/augreg/"
