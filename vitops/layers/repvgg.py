@@ -12,9 +12,10 @@ from vitops.layers.drop_path import DropPath
 
 class RepVGGBlock(nn.Module):
     """`act(bn(conv_kxk(x)) + bn(conv_1x1(x)) + bn(x))`, the identity branch present when in_chs == out_chs,
-    stride == 1 and `use_identity`. With `drop_path` > 0 the conv branches are dropped per sample while training
-    (timm's RepVggBlock does the same; it folds into the identity add with vitops.ops.drop_path_add). `reparameterize()` replaces the branches by `reparam_conv`, one biased
-    k x k conv computing the same function with the BatchNorms in inference mode:
+    stride == 1 and `use_identity`. With `drop_path` > 0 the conv branches are dropped per sample while training,
+    as in timm's RepVggBlock, fused into the identity add (vitops.ops.drop_path_add).
+    `reparameterize()` replaces the branches by `reparam_conv`, one biased k x k conv computing the same function
+    with the BatchNorms in inference mode:
     `K = K_kxk + pad(K_1x1) + K_id` with the identity kernel 1 at [i, i % (in_chs / groups), k // 2, k // 2],
     each BN folded into its branch first, and the biases summed.
 
