@@ -728,7 +728,9 @@ def test_load_checkpoint_resamples_vit_pos_embed(tmp_path):
     assert model.pos_embed.shape == (1, 5, 192)
 
 
-@pytest.mark.parametrize("name,kwargs,size", [("resnet18", {}, 64), ("vit_tiny_patch16_224", dict(depth=3, img_size=64), 64)])
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("resnet18", {}, 64), ("vit_tiny_patch16_224", dict(depth=3, img_size=64), 64), ("repvgg_a0", {}, 64),
+])
 def test_forward_intermediates_match_timm(name, kwargs, size):
     reference = timm.create_model(name, **kwargs).eval()
     model = vitops.create_model(name, **kwargs).eval()

@@ -67,6 +67,16 @@ def resolve_out_indices(out_indices, num_levels: int, model_name: str = "model")
     return tuple(resolved)
 
 
+def forward_intermediates(model: nn.Module, x, indices, stop_early: bool, intermediates_only: bool, **level_args):
+    """timm's forward_intermediates over a model's `_levels(x, indices, stop_early, **level_args)`, which returns
+    (the feature maps at indices, the final features): that pair, or with intermediates_only the list. indices:
+    None for every level, n for the last n, or a sequence of level indices."""
+    n = len(model.feature_levels())
+    indices = list(resolve_out_indices(n if indices is None else indices, n, type(model).__name__))
+    intermediates, x = model._levels(x, indices, stop_early=stop_early or intermediates_only, **level_args)
+    return intermediates if intermediates_only else (x, intermediates)
+
+
 class FeatureListMixin:
     """Mixed into a model's class by `make_features_only`: forward returns the list of feature maps at
     `self.out_indices`, computed by the model's `forward_feature_maps(x, indices)`. Parameter names are unchanged,

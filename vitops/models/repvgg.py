@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from vitops.layers import RepVGGBlock
 from vitops.models._builder import build_model_with_cfg
 from vitops.models._common import ClassifierHead, PlainDropPath, check_input
+from vitops.models._features import forward_intermediates
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["RepVGG", "RepVGGBlock"]
@@ -210,8 +211,15 @@ class RepVGG(nn.Module):
 
     @torch.jit.ignore
     def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
+        """Feature maps of the 5 levels (stem, stages.0..3) at `indices`; stops after the last one asked."""
+        return self._levels(x, indices, stop_early=True)[0]
+
+    @torch.jit.ignore
+    def _levels(self, x: Tensor, indices: List[int], stop_early: bool):
         self._check_input(x)
-        wanted, last, outs = set(indices), max(indices), {}
+        wanted = set(indices)
+        last = max(indices) if stop_early else len(self.stages)
+        outs = {}
         x = self.stem(x)
         if 0 in wanted:
             outs[0] = x
@@ -223,9 +231,18 @@ class RepVGG(nn.Module):
                     x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = stage(x)
+            if i == len(self.stages):
+                x = self.final_conv(x)
             if i in wanted:
                 outs[i] = x
-        return [outs[i] for i in indices]
+        return [outs[i] for i in indices], x
+
+    @torch.jit.ignore
+    def forward_intermediates(self, x: Tensor, indices=None, stop_early: bool = False,
+                              intermediates_only: bool = False):
+        """timm's API: (final features, [feature maps at indices]) or, with intermediates_only, the list.
+        indices: None for all 5 levels, n for the last n, or a sequence of level indices."""
+        return forward_intermediates(self, x, indices, stop_early, intermediates_only)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)

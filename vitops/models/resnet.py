@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from vitops.models._builder import build_model_with_cfg
 from vitops.models._common import SelectAdaptivePool2d, check_input, make_drop_path
+from vitops.models._features import forward_intermediates
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -300,12 +301,7 @@ class ResNet(nn.Module):
                               intermediates_only: bool = False):
         """timm's API: (final features, [feature maps at indices]) or, with intermediates_only, the list.
         indices: None for all 5 levels, n for the last n, or a sequence of level indices."""
-        from vitops.models._features import resolve_out_indices
-
-        n = len(self._feature_levels)
-        indices = list(resolve_out_indices(n if indices is None else indices, n, type(self).__name__))
-        intermediates, x = self._levels(x, indices, stop_early=stop_early or intermediates_only)
-        return intermediates if intermediates_only else (x, intermediates)
+        return forward_intermediates(self, x, indices, stop_early, intermediates_only)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)

@@ -13,6 +13,7 @@ from torch.jit import Final
 from vitops.layers import Attention, LayerScale
 from vitops.models._builder import build_model_with_cfg, resample_abs_pos_embed
 from vitops.models._common import check_input, make_drop_path
+from vitops.models._features import forward_intermediates
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["VisionTransformer", "Block", "Attention", "checkpoint_filter_fn"]
@@ -373,12 +374,8 @@ class VisionTransformer(nn.Module):
                               intermediates_only: bool = False):
         """timm's API: (final normed tokens, [NCHW block outputs at indices]) or, with intermediates_only, the
         list. indices: None for every block, n for the last n, or a sequence of block indices."""
-        from vitops.models._features import resolve_out_indices
-
-        n = len(self.blocks)
-        indices = list(resolve_out_indices(n if indices is None else indices, n, type(self).__name__))
-        intermediates, x = self._levels(x, indices, stop_early=stop_early or intermediates_only, norm=norm)
-        return intermediates if intermediates_only else (self.norm(x), intermediates)
+        out = forward_intermediates(self, x, indices, stop_early, intermediates_only, norm=norm)
+        return out if intermediates_only else (self.norm(out[0]), out[1])
 
     def pool(self, x: Tensor) -> Tensor:
         if self.global_pool == "":
