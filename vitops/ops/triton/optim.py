@@ -16,7 +16,8 @@ a fixed order. No atomics, so a step is bit-reproducible. Short rows are packed 
 2-D tiles, one row per tile row, so that a per-row sum is a plain tile reduction and a bias-sized row does not
 take a whole program. The trust ratios (LAMB) and projection decisions (AdamP) follow as a few torch ops over
 all tensors at once, on the device: nothing in a step waits for the GPU. The second stage applies the update,
-recomputing the Adam direction from the new moments rather than storing it.
+recomputing the Adam direction from the new moments rather than storing it. What needs no sums is finished in
+the first stage: all of LAMB without layer adaptation, AdamP's 1-D params.
 
 Arithmetic is IEEE rounded (div_rn, sqrt_rn, no FMA contraction) in timm's order of operations.
 """
@@ -30,11 +31,13 @@ import triton.language as tl
 from torch import Tensor
 
 _BLOCK = 1024  # elements per vector step of a program
-_CHUNK = 1 << 14  # elements per program, about (csrc/cpu/multi_tensor.h's kChunk)
-_TILE_COLS = 16  # rows up to _BLOCK long are walked in [_BLOCK // _TILE_COLS, _TILE_COLS] tiles
+_CHUNK = 1 << 14  # elements a program works through, as csrc/cpu/multi_tensor.h's kChunk (packed rows: more)
+# AdamP's rows up to _BLOCK long are walked in [_TILE_ROWS, _TILE_COLS] tiles: narrow, so that even a 3x3 conv's
+# 9-element rows fill half of each tile row.
+_TILE_COLS = 16
 _TILE_ROWS = _BLOCK // _TILE_COLS
 _SUM_BLOCK = 256  # values a segment-sum program adds per step
-_PLANS_CACHED = 64
+_PLANS_CACHED = 64  # a plan per param group and shape set; bounded, as each holds device tables
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
