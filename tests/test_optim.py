@@ -65,6 +65,14 @@ def make_params(seed=0, dtype=torch.float32):
     return params
 
 
+def orthogonal_to(r, w, per_row):
+    """r less its component along w: in each row of w.reshape(size(0), -1) (AdamP's channel-wise projection
+    then applies), or over the whole tensor (its layer-wise one)."""
+    rows = w.shape[0] if per_row else 1
+    r2, w2 = r.reshape(rows, -1), w.reshape(rows, -1)
+    return (r2 - w2 * ((r2 * w2).sum(1, keepdim=True) / (w2 * w2).sum(1, keepdim=True))).reshape(r.shape)
+
+
 def set_grads(params, gen, scale=1.0):
     """Grads for one step: random, except a zero grad, no grad, and grads orthogonal to their param."""
     for name, p in zip(SHAPES, params):
@@ -75,12 +83,8 @@ def set_grads(params, gen, scale=1.0):
         w = p.detach().float()
         if name == "zero_grad":
             r.zero_()
-        elif name == "ortho_rows":
-            w2 = w.reshape(w.shape[0], -1)
-            r2 = r.reshape(w.shape[0], -1)
-            r = (r2 - w2 * ((r2 * w2).sum(1, keepdim=True) / (w2 * w2).sum(1, keepdim=True))).reshape(p.shape)
-        elif name == "ortho_layer":
-            r = r - w * ((r * w).sum() / (w * w).sum())
+        elif name in ("ortho_rows", "ortho_layer"):
+            r = orthogonal_to(r, w, per_row=name == "ortho_rows")
         p.grad = r.to(p.dtype)
 
 
@@ -546,6 +550,138 @@ def test_op_compiles_fullgraph(name):
     torch.testing.assert_close(out, want[0][0] * 2)
 
 
+# --- the Triton multi-tensor kernels -----------------------------------------------------------------------
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interpreter
+requires_triton = pytest.mark.skipif(
+    _backend.availability()["lamb_step"][TRITON_DEVICE]["triton"] is not None,
+    reason=str(_backend.availability()["lamb_step"][TRITON_DEVICE]["triton"]),
+)
+MIXED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# (shape, grad): many small tensors around a few that take several programs, dtypes interleaved (the kernels
+# group them). "rows" / "layer": grads orthogonal to p per row / as a whole, so that AdamP projects.
+MULTI_TENSOR_CASES = [
+    ((2, 17000), "rows"),   # AdamP rows longer than a chunk: pieces of a row add up to its sums
+    ((100, 300), "rows"),   # short rows, a tile of them at a time, over two chunks
+    ((21000,), "random"),   # a 1-D param over two chunks
+    ((200, 3), "rows"),     # rows shorter than a tile
+    ((70, 3, 5), "layer"),
+    ((0,), "random"),
+    ((6, 1100), "rows"),    # rows just over a block
+] + [((i % 7 + 1, i % 5 + 2), "random") if i % 3 else ((i % 9 + 1,), "random") for i in range(18)]
+
+
+def multi_tensor_args(name, cases=MULTI_TENSOR_CASES, dtypes=MIXED_DTYPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+    for i, (shape, grad_kind) in enumerate(cases):
+        p = torch.randn(shape, generator=gen)
+        g = torch.randn(shape, generator=gen)
+        if grad_kind != "random":
+            g = orthogonal_to(g, p, per_row=grad_kind == "rows")
+        dtype = dtypes[i % len(dtypes)]
+        params.append(p.to(dtype).to(TRITON_DEVICE))
+        grads.append(g.to(dtype).to(TRITON_DEVICE))
+        exp_avgs.append((torch.randn(shape, generator=gen) * 0.1).to(TRITON_DEVICE))
+        exp_avg_sqs.append((torch.rand(shape, generator=gen) * 0.1).to(TRITON_DEVICE))
+    tensors = (params, grads, exp_avgs, exp_avg_sqs)
+    if name == "lamb_step":
+        clip = torch.tensor(1.5, device=TRITON_DEVICE)
+        return (*tensors, clip, 1e-2, 0.9, 0.999, 0.1, 0.5, 0.3, 1e-6, 0.01, 1e-2, False, True, False)
+    bc1 = [0.1 + 0.8 * i / len(cases) for i in range(len(cases))]
+    bc2 = [0.01 + 0.5 * i / len(cases) for i in range(len(cases))]
+    return (*tensors, bc1, bc2, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.1, 0.1, False)
+
+
+def _triton_op(name):
+    return getattr(torch.ops.vitops, f"{name}_triton")
+
+
+@requires_triton
+@pytest.mark.parametrize("name", list(OPS))
+def test_triton_multi_tensor_step_matches_reference(name):
+    """One call over many small tensors, tensors of several programs (AdamP: rows longer than a chunk, and
+    hundreds of short rows) and float32, bfloat16 and float16 params together."""
+    got, want = multi_tensor_args(name), multi_tensor_args(name)
+    _triton_op(name)(*got)
+    OPS[name][1](*want)
+    for what, a, b in zip(("params", "grads", "exp_avgs", "exp_avg_sqs"), got[:4], want[:4]):
+        for i, (x, y) in enumerate(zip(a, b)):
+            tol = dict(rtol=1e-5, atol=1e-6) if x.dtype == torch.float32 else {}  # else the dtype's resolution
+            torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{what}[{i}] {tuple(x.shape)}: {m}")
+
+
+@requires_triton
+def test_triton_adamp_multi_tensor_projects():
+    """The cases above do take AdamP's projections: per channel, also for rows split over chunks, and per layer."""
+    args = multi_tensor_args("adamp_step")
+    for i, (shape, grad_kind) in enumerate(MULTI_TENSOR_CASES):
+        p, g = args[0][i].float(), args[1][i].float()
+        if grad_kind == "random":
+            continue
+        rows = p.shape[0] if grad_kind == "rows" else 1
+        cos = torch.nn.functional.cosine_similarity(g.reshape(rows, -1), p.reshape(rows, -1), dim=1).abs()
+        assert cos.max() < 0.1 / math.sqrt(p.numel() // rows), shape
+
+
+@requires_triton
+@pytest.mark.parametrize("name", list(OPS))
+def test_triton_step_is_deterministic(name):
+    """No atomics: the sums are added in a fixed order, so two runs are bit-identical."""
+    cases = [MULTI_TENSOR_CASES[0], MULTI_TENSOR_CASES[2]] + MULTI_TENSOR_CASES[-3:]  # sums over chunks, all dtypes
+    first, second = multi_tensor_args(name, cases), multi_tensor_args(name, cases)
+    _triton_op(name)(*first)
+    _triton_op(name)(*second)
+    for a, b in zip(first[:4], second[:4]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+@requires_triton
+@pytest.mark.parametrize("name", list(OPS))
+def test_triton_launches_do_not_grow_with_tensor_count(name, monkeypatch):
+    """Multi-tensor apply: 3 tensors or 30 (all three dtypes, 1-D and 2-D in both), the same kernel launches and
+    the same torch ops."""
+    from vitops.ops.triton import optim as kernels
+
+    launches = []
+
+    class CountedKernel:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.kernel)
+            return self.kernel[grid]
+
+    for kernel in ("_lamb_kernel", "_adamp_kernel", "_segment_sum_kernel"):
+        monkeypatch.setattr(kernels, kernel, CountedKernel(getattr(kernels, kernel)))
+    cases = [((i + 2, 3) if i % 6 < 3 else (i + 2,), "random") for i in range(30)]
+
+    def counts(n):
+        args = multi_tensor_args(name, cases[:n])
+        _triton_op(name)(*args)  # plans are built and cached on first use
+        launches.clear()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _triton_op(name)(*args)
+        return len(launches), sum(event.name.startswith("aten::") for event in prof.events())
+
+    few, many = counts(3), counts(30)
+    assert few == many
+    assert few[0] == (7 if name == "lamb_step" else 8)  # two stages per dtype, and the segment sums
+
+
+@requires_triton
+@pytest.mark.parametrize("name", list(OPS))
+def test_triton_step_skips_empty_tensors(name):
+    """Empty tensors, or none at all: nothing to launch."""
+    args = multi_tensor_args(name, [((0,), "random"), ((0, 3), "random")])
+    _triton_op(name)(*args)
+    empty = list(multi_tensor_args(name, []))
+    _triton_op(name)(*empty)
+
+
 def test_kernel_argument_errors_name_the_argument():
     if _backend.availability()["lamb_step"]["cpu"]["cpu"] is not None:
         pytest.skip("no compiled CPU kernels")
@@ -619,22 +755,32 @@ def test_ddp_gloo_two_processes(tmp_path):
 _AOT_BODY = r"""
 from vitops.ops.triton import optim as k
 
-for dtype in ("fp32", "bf16", "fp16"):
-    ptrs = dict(p_ptr=f"*{dtype}", g_ptr=f"*{dtype}", m_ptr="*fp32", v_ptr="*fp32")
-    floats = ("beta1", "beta2", "beta3", "one_minus_beta3", "one_minus_beta2", "bc1", "sqrt_bc2", "eps",
-              "neg_decay", "coupled_wd", "neg_lr")
+tables = dict(chunks="*i64", pointers="*i64")
+floats = lambda *names: {name: "fp32" for name in names}  # noqa: E731
+lamb_args = dict(**tables, clip_ptr="*fp32", partials_ptr="*fp32", ratio_ptr="*fp32", **floats(
+    "beta1", "beta2", "beta3", "one_minus_beta3", "one_minus_beta2", "bc1", "sqrt_bc2", "eps", "neg_decay",
+    "coupled_wd", "neg_lr"))
+adamp_args = dict(**tables, step_consts="*fp32", partials_ptr="*fp32", coef_ptr="*fp32", factor_ptr="*fp32",
+                  first_unprojected="i32", **floats("plain_factor", "beta1", "one_minus_beta1", "beta2",
+                                                     "one_minus_beta2", "eps"))
+jobs = []  # (kernel, signature, constexprs): every combination the launchers use
+for dtype in k._TL_DTYPES.values():
     for stage in (0, 1, 2):
         for mode in (0, 1, 2):
-            ptx = compile(k._lamb_kernel, dict(**ptrs, clip_ptr="*fp32", sums_ptr="*fp32", ratio_ptr="*fp32", n="i32",
-                          **{f: "fp32" for f in floats}), dict(MODE=mode, STAGE=stage, HAS_CLIP=True, BLOCK=1024),
-                          enable_fp_fusion=False)
-            assert "fma.rn.f32" not in ptx
+            for clip in (False, True):
+                jobs.append((k._lamb_kernel, lamb_args, dict(PARAM_DTYPE=dtype, MODE=mode, STAGE=stage,
+                             HAS_CLIP=clip, BLOCK=k._BLOCK)))
+    for stage in (1, 2):
         for nesterov in (False, True):
-            floats2 = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "sqrt_bc2", "neg_step")
-            ptx = compile(k._adamp_kernel, dict(**ptrs, sums_ptr="*fp32", coef_ptr="*fp32", factor_ptr="*fp32",
-                          row_len="i32", **{f: "fp32" for f in floats2}),
-                          dict(NESTEROV=nesterov, STAGE=stage, BLOCK=1024), enable_fp_fusion=False)
-            assert "fma.rn.f32" not in ptx
+            jobs.append((k._adamp_kernel, adamp_args, dict(PARAM_DTYPE=dtype, NESTEROV=nesterov, STAGE=stage,
+                         BLOCK=k._BLOCK, TILE_COLS=k._TILE_COLS)))
+for kernel, signature, constexprs in jobs:
+    ptx = compile(kernel, signature, constexprs, enable_fp_fusion=False)
+    assert "fma.rn.f32" not in ptx, (kernel.__name__, constexprs)
+for width in (2, 4):
+    for segments, slots in ((1, k._SUM_BLOCK), (k._SUM_BLOCK, 1)):
+        compile(k._segment_sum_kernel, dict(values_ptr="*fp32", offsets_ptr="*i64", out_ptr="*fp32",
+                num_segments="i32"), dict(WIDTH=width, SEGMENTS=segments, SLOTS=slots))
 """
 
 
