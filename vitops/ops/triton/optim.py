@@ -1,6 +1,6 @@
 """Triton kernels of the fused optimizer steps (vitops::lamb_step_triton, vitops::adamp_step_triton).
 
-Multi-tensor apply, as csrc/cuda/multi_tensor_apply.cuh: a step costs the same few launches whether it updates
+Multi-tensor apply, as csrc/cuda/multi_tensor_kernels.cuh: a step costs the same few launches whether it updates
 three tensors or three thousand, because launch overhead, not bandwidth, is what a per-tensor loop pays for on
 the many small tensors (biases, norms) of a model.
 
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 _BLOCK = 1024  # elements per vector step of a program
-_CHUNK = 1 << 14  # elements a program works through, as csrc/cpu/multi_tensor.h's kChunk (packed rows: more)
+_CHUNK = 1 << 14  # elements a program works through, as csrc/cpu/chunk_plan.h's kChunk (packed rows: more)
 # AdamP's rows up to _BLOCK long are walked in [_TILE_ROWS, _TILE_COLS] tiles: narrow, so that even a 3x3 conv's
 # 9-element rows fill half of each tile row.
 _TILE_COLS = 16
@@ -321,7 +321,7 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> Tensor
 
 def _plan(device: torch.device, shapes: tuple, rows_of: Callable[[torch.Size], int]) -> _Plan:
     """The chunks of tensors of `shapes` ((shape, dtype) per op argument). rows_of(shape): the rows a tensor's sums
-    are taken over, 0 for none. csrc/cpu/multi_tensor.h's plan, except that rows up to _BLOCK long are packed
+    are taken over, 0 for none. csrc/cpu/chunk_plan.h's plan, except that rows up to _BLOCK long are packed
     _TILE_ROWS at a time at least, so that the tiles that walk them are full."""
     by_dtype: dict = {}
     for index, (shape, dtype) in enumerate(shapes):
