@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import vitops
-from benchmarks.harness import add_speedups, measure_ms, row
+from benchmarks.harness import add_speedups, measure_ms_interleaved, row
 from vitops import _backend
 from vitops.ops import drop_path_add
 
@@ -91,9 +91,14 @@ def run(device: str, quick: bool) -> list[dict]:
             "bwd": (3 if gamma is not None else 2) * tensor_bytes,
         }
         bytes_by_mode["fwd+bwd"] = bytes_by_mode["fwd"] + bytes_by_mode["bwd"]
+        calls: dict[str, dict] = {mode: {} for mode in bytes_by_mode}
         for provider, fn in providers(device, quick).items():
             fn(residual, branch, gamma)  # compile / autotune outside the timing
             out = fn(residual, branch, gamma)
+
+            def forward(fn=fn):
+                with torch.no_grad():
+                    return fn(residual, branch, gamma)
 
             def backward(out=out):
                 torch.autograd.grad(out, inputs, grad, retain_graph=True)
@@ -101,11 +106,9 @@ def run(device: str, quick: bool) -> list[dict]:
             def both(fn=fn):
                 torch.autograd.grad(fn(residual, branch, gamma), inputs, grad)
 
-            with torch.no_grad():
-                timings = {"fwd": measure_ms(lambda fn=fn: fn(residual, branch, gamma), device, quick)}
-            timings["bwd"] = measure_ms(backward, device, quick)
-            timings["fwd+bwd"] = measure_ms(both, device, quick)
-            for mode, ms in timings.items():
+            calls["fwd"][provider], calls["bwd"][provider], calls["fwd+bwd"][provider] = forward, backward, both
+        for mode, fns in calls.items():
+            for provider, ms in measure_ms_interleaved(fns, device, quick).items():
                 rows.append(row(op="drop_path_add", case=name, provider=provider, mode=mode, ms=ms, device=device,
                                 quick=quick, bytes_moved=bytes_by_mode[mode]))  # fmt: skip
     add_speedups(rows, BASELINE)
