@@ -113,8 +113,8 @@ def run(device: str, quick: bool) -> list[dict]:
         optimizers = {f"{op} {provider}": factory(params) for op, provider, factory in providers}
         times = measure_ms_interleaved({name: opt.step for name, opt in optimizers.items()}, device, quick)
         case_rows = [
-            row(op=op, case=case, provider=provider, mode="step", ms=times[f"{op} {provider}"], device=device, quick=quick,
-                bytes_moved=MIN_BYTES_PER_PARAM[op] * numel, params=numel)
+            row(op=op, case=case, provider=provider, mode="step", ms=times[f"{op} {provider}"], device=device,
+                quick=quick, bytes_moved=MIN_BYTES_PER_PARAM[op] * numel, params=numel)
             for op, provider, _ in providers
         ]
         del optimizers

@@ -57,7 +57,8 @@ def _model_rows(device: str, quick: bool) -> list[dict]:
             times = measure_ms_interleaved({p: (lambda net=net: net(x)) for p, net in nets.items()}, device, quick)
         for provider, ms in times.items():
             rows.append(row(op="inference", case=case, provider=provider, mode="eval", ms=ms, device=device,
-                            quick=quick, flops=forms[provider][1] * batch, images_per_s=round(batch / (ms * 1e-3), 1)))  # fmt: skip
+                            quick=quick, flops=forms[provider][1] * batch,
+                            images_per_s=round(batch / (ms * 1e-3), 1)))  # fmt: skip
         rows.append(row(op="reparameterize", case=f"{name} (whole model, CPU, fp32)", provider="vitops",
                         mode="transform", ms=transform_ms, device="cpu", quick=quick,
                         conv_bn_pairs=report.conv_bn_pairs, blocks=sum(report.blocks.values()),
@@ -85,7 +86,9 @@ def _fusion_rows(device: str, quick: bool) -> list[dict]:
                 if _backend.availability()["fuse_conv_bn"][device][backend] is not None:
                     continue
                 with vitops.use_backend(backend):
-                    ms = measure_ms(lambda: vitops.ops.fuse_conv_bn(w, bias, mean, var, gamma, beta, 1e-5), device, quick)
+                    ms = measure_ms(
+                        lambda: vitops.ops.fuse_conv_bn(w, bias, mean, var, gamma, beta, 1e-5), device, quick
+                    )
                 rows.append(row(op="fuse_conv_bn", case=case, provider=f"vitops-{backend}", mode="fold", ms=ms,
                                 device=device, quick=quick, bytes_moved=bytes_moved))  # fmt: skip
     add_speedups(rows, "torch.nn.utils.fusion")

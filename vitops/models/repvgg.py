@@ -119,7 +119,8 @@ class RepVGG(nn.Module):
 
     Args:
         layers: blocks per stage. widths: channels per stage. stem_chs. num_classes, in_chans, global_pool,
-        drop_rate (before fc), drop_path_rate (stochastic depth of the conv branches, as timm), inference_mode (build re-parameterized, to load deploy checkpoints).
+        drop_rate (before fc), drop_path_rate (stochastic depth of the conv branches, as timm), inference_mode
+        (build re-parameterized, to load deploy checkpoints).
     """
 
     def __init__(
