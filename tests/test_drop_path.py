@@ -114,6 +114,22 @@ def test_gradcheck_float64(device, backend, shape, gamma_shape, memory_format):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("shape,gamma_shape,memory_format", [CASES[1], CASES[2], CASES[4]], ids=["tokens", "nchw", "nogamma"])
+def test_gradgradcheck_float64(device, backend, shape, gamma_shape, memory_format):
+    """Second derivatives (create_graph=True, e.g. a gradient penalty) through the fused residual."""
+    small = (2,) + tuple(min(s, 3) for s in shape[1:])
+    gamma_shape = (small[-1],) if gamma_shape and len(gamma_shape) == 1 else (small[1], 1, 1) if gamma_shape else None
+    residual, branch, gamma = make_inputs(small, gamma_shape, memory_format, device, torch.float64)
+
+    def fn(residual, branch, gamma):
+        torch.manual_seed(3)  # the same mask on every evaluation
+        with vitops.use_backend(backend):
+            return drop_path_add(residual, branch, 0.5, True, gamma)
+
+    assert torch.autograd.gradgradcheck(fn, (residual, branch, gamma))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_non_contiguous_inputs(device, backend):
     # Dense with the channel dim not innermost: walked in place. A strided slice: copied first.
     residual = torch.randn(3, 12, 20, device=device).transpose(1, 2).requires_grad_()

@@ -68,12 +68,44 @@ def _make_backward(backward_op):
     return backward
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad_out, branch, gamma, sample_scale, branch_dtype, need_branch_grad = inputs
+    ctx.save_for_backward(grad_out, branch, gamma, sample_scale)
+    ctx.branch_dtype, ctx.need_branch_grad = branch_dtype, need_branch_grad
+
+
+def _double_backward(ctx, grad_grad_branch, grad_grad_gamma):
+    """Double backward (gradient penalties, create_graph=True): the backward is linear in grad_out, branch and
+    gamma, so its own gradients come from differentiating the reference's formula; only the rare second-order
+    pass runs in plain torch ops."""
+    grad_out, branch, gamma, sample_scale = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in (grad_out, branch, gamma)]
+        grad_branch, grad_gamma = reference.drop_path_add_backward(
+            leaves[0], leaves[1], leaves[2], sample_scale, ctx.branch_dtype, ctx.need_branch_grad
+        )
+        outputs, weights = [], []
+        if ctx.need_branch_grad and grad_grad_branch is not None:
+            outputs.append(grad_branch), weights.append(grad_grad_branch)
+        if branch is not None and grad_grad_gamma is not None:
+            outputs.append(grad_gamma), weights.append(grad_grad_gamma)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(
+            torch.autograd.grad(outputs, wanted, weights, allow_unused=True, create_graph=torch.is_grad_enabled())
+            if outputs
+            else [None] * len(wanted)
+        )
+    grad_out_grad, branch_grad, gamma_grad = (next(grads) if t is not None else None for t in leaves)
+    return grad_out_grad, branch_grad, gamma_grad, None, None, None
+
+
 def _register(forward_op: str, backward_op: str) -> None:
     torch.library.register_fake(forward_op)(_forward_fake)
     torch.library.register_fake(backward_op)(_backward_fake)
     torch.library.register_autograd(
         forward_op, _make_backward(getattr(torch.ops.vitops, backward_op.split("::")[1])), setup_context=_setup_context
     )
+    torch.library.register_autograd(backward_op, _double_backward, setup_context=_setup_backward_context)
 
 
 def _reference_forward(residual, branch, gamma, sample_scale):
