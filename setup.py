@@ -84,7 +84,7 @@ def extensions():
     if not with_cuda:
         return [CppExtension("vitops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)]
 
-    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    sources += sorted(glob.glob("csrc/cuda/**/*.cu", recursive=True))
     nvcc = opt + ["-G"] * DEBUG + [
         "-lineinfo",
         f"--threads={os.environ.get('NVCC_THREADS', '2')}",
@@ -106,6 +106,7 @@ os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
 setup(
     packages=find_packages(include=["vitops", "vitops.*"]),
+    package_data={"vitops.ops": ["schemas.def"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

@@ -1,47 +1,29 @@
 """Loads the compiled library vitops._C, and defines from Python whatever it did not provide.
 
-The schemas live in csrc/vitops.cpp. When the library is missing (or was built before an op existed), the same
-schemas are defined here so that torch.ops.vitops.<name> exists whatever was built; tests check that the two
-copies agree whenever the library is loaded.
+Every schema is written once, in vitops/ops/schemas.def, which the C++ build expands inside TORCH_LIBRARY and
+this module reads as package data: when the library is missing (or was built before an op existed), the same
+schemas are defined here, so torch.ops.vitops.<name> exists whatever was built.
 """
+import re
+from importlib import resources
+
 import torch
 
-# op name -> schema, exactly as in csrc/vitops.cpp.
-SCHEMAS = {
-    "drop_path_add": (
-        "drop_path_add(Tensor? residual, Tensor branch, Tensor? gamma, Tensor? sample_scale) -> Tensor"
-    ),
-    "drop_path_add_backward": (
-        "drop_path_add_backward(Tensor grad_out, Tensor? branch, Tensor? gamma, Tensor? sample_scale, "
-        "ScalarType branch_dtype, bool need_branch_grad) -> (Tensor, Tensor)"
-    ),
-    "lamb_step": (
-        "lamb_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor? clip_coef, float lr, float beta1, float beta2, float beta3, float bias_correction1, "
-        "float bias_correction2, float eps, float weight_decay, float decay_scale, bool decoupled_decay, "
-        "bool adapt, bool trust_clip) -> ()"
-    ),
-    "lamb_clip_coef": "lamb_clip_coef(Tensor[] grads, float max_grad_norm) -> Tensor",
-    "adamp_step": (
-        "adamp_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "float[] bias_correction1, float[] bias_correction2, float lr, float beta1, float beta2, float eps, "
-        "float weight_decay, float delta, float wd_ratio, bool nesterov) -> ()"
-    ),
-    "attention": "attention(Tensor q, Tensor k, Tensor v, float? scale) -> (Tensor, Tensor)",
-    "attention_backward": (
-        "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float? scale) "
-        "-> (Tensor, Tensor, Tensor)"
-    ),
-    "attention_packed": "attention_packed(Tensor qkv, int num_heads, float? scale) -> (Tensor, Tensor)",
-    "attention_packed_backward": (
-        "attention_packed_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int num_heads, "
-        "float? scale) -> Tensor"
-    ),
-    "fuse_conv_bn": (
-        "fuse_conv_bn(Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, Tensor? bn_weight, "
-        "Tensor? bn_bias, float eps) -> (Tensor, Tensor)"
-    ),
-}
+_SCHEMA_FILE = "schemas.def"
+_OP_PATTERN = re.compile(r'^VITOPS_OP\(((?:\s*"[^"]*")+)\s*\)', re.MULTILINE)
+
+
+def _read_schemas() -> dict[str, str]:
+    """op name -> schema, in the order of vitops/ops/schemas.def."""
+    text = resources.files("vitops.ops").joinpath(_SCHEMA_FILE).read_text()
+    schemas = {}
+    for match in _OP_PATTERN.finditer(text):
+        schema = "".join(re.findall(r'"([^"]*)"', match.group(1)))
+        schemas[schema.split("(", 1)[0]] = schema
+    return schemas
+
+
+SCHEMAS = _read_schemas()
 
 try:
     from vitops import _C  # noqa: F401  (loading it runs the static op registrations)

@@ -791,7 +791,7 @@ def test_optim_triton_kernels_compile_for_sm90():
 
 _GROUPS_SCRIPT = r"""
 import torch, vitops
-from tests.test_optim import ADAMP_CONFIGS, LAMB_CONFIGS, assert_params_close, run_steps
+from tests.optim.test_optim import ADAMP_CONFIGS, LAMB_CONFIGS, assert_params_close, run_steps
 from vitops.optim import AdamP, Lamb
 for cls, configs in ((Lamb, LAMB_CONFIGS), (AdamP, ADAMP_CONFIGS)):
     for kwargs in configs.values():
