@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -13,12 +15,14 @@ from vitops.ops import drop_path_add
 
 
 def test_default_backend_per_device():
+    # drop_path_add has every kind of kernel: each device's default is its compiled one when built, else the next.
     cpu = _backend.default_backend("drop_path_add", "cpu")
     assert cpu == ("cpu" if _extension.has_compiled_kernel("drop_path_add", "CPU") else "torch")
     cuda = _backend.default_backend("drop_path_add", "cuda")
-    assert cuda in ("cuda", "triton", "torch")
     if _extension.has_compiled_kernel("drop_path_add", "CUDA"):
         assert cuda == "cuda"
+    else:
+        assert cuda == ("triton" if _backend.TRITON_BLOCKER is None else "torch")
 
 
 def test_forcing_an_unavailable_backend_says_why():
@@ -34,13 +38,45 @@ def test_unknown_backend():
             pass
 
 
-def test_use_backend_nests_and_restores():
-    with vitops.use_backend("torch"):
+def test_use_backend_nests_restores_and_ignores_case():
+    default = _backend.default_backend("drop_path_add", "cpu")
+    with vitops.use_backend("TORCH"):
         assert _backend.backend_for("drop_path_add", "cpu") == "torch"
-        with vitops.use_backend("cpu" if _extension.has_compiled_kernel("drop_path_add", "CPU") else "torch"):
-            pass
+        with vitops.use_backend("Cpu" if default == "cpu" else "torch"):
+            assert _backend.backend_for("drop_path_add", "cpu") == default
         assert _backend.backend_for("drop_path_add", "cpu") == "torch"
-    assert _backend.backend_for("drop_path_add", "cpu") == _backend.default_backend("drop_path_add", "cpu")
+    assert _backend.backend_for("drop_path_add", "cpu") == default
+
+
+def test_use_backend_is_per_thread():
+    """Two threads force different backends at the same time; each op call runs on its own thread's choice."""
+    if _backend.default_backend("drop_path_add", "cpu") != "cpu":
+        pytest.skip("needs the compiled CPU kernel as a second backend")
+    ran_on = {}
+    barrier = threading.Barrier(2)
+    original = _backend.backend_for
+
+    def record(op, device_type):
+        backend = original(op, device_type)
+        ran_on.setdefault(threading.current_thread().name, set()).add(backend)
+        return backend
+
+    def worker(backend):
+        with vitops.use_backend(backend):
+            barrier.wait()  # both threads are inside their use_backend blocks now
+            x = torch.randn(4, 8)
+            for _ in range(20):
+                drop_path_add(x, x, 0.5, True, torch.ones(8))
+            barrier.wait()
+
+    with mock.patch.object(_backend, "backend_for", record):
+        threads = [threading.Thread(target=worker, args=(b,), name=b) for b in ("cpu", "torch")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert ran_on == {"cpu": {"cpu"}, "torch": {"torch"}}
+    assert _backend.forced_backend() is None
 
 
 def _run_module(*args, env=None):
@@ -50,15 +86,23 @@ def _run_module(*args, env=None):
     )
 
 
-def test_env_var_forces_backend():
+def test_env_var_forces_backend_in_any_case():
     code = (
         "import torch, vitops\n"
         "from vitops import _backend\n"
         "print(_backend.backend_for('drop_path_add', 'cpu'))\n"
     )
-    result = _run_module("-c", code, env={"VITOPS_BACKEND": "torch"})
+    result = _run_module("-c", code, env={"VITOPS_BACKEND": "Torch"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch"
+
+
+@pytest.mark.parametrize("args", [("-c", "import vitops"), ("-m", "vitops", "info")])
+def test_unknown_env_backend_fails_at_import_naming_the_variable(args):
+    result = _run_module(*args, env={"VITOPS_BACKEND": "nonsense"})
+    assert result.returncode != 0
+    assert "VITOPS_BACKEND" in result.stderr and "'nonsense'" in result.stderr
+    assert "cuda, triton, cpu, torch" in result.stderr
 
 
 def test_info_command_lists_every_op_and_reason():

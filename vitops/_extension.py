@@ -38,24 +38,26 @@ except ImportError as error:
 
 DISPATCH_KEYS = ("CPU", "CUDA")
 
-# Read before any Python fallback registers itself for the same keys.
-COMPILED_KERNELS = {
-    op: frozenset(
-        key
-        for key in DISPATCH_KEYS
-        if _C is not None
-        and hasattr(torch.ops.vitops, op)
-        and torch._C._dispatch_has_kernel_for_dispatch_key(f"vitops::{op}", key)
-    )
-    for op in SCHEMAS
-}
 
-_fallback_library = torch.library.Library("vitops", "FRAGMENT")
+def _compiled_kernel(op: str, key: str):
+    qualname = f"vitops::{op}"
+    if _C is None or not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key):
+        return None
+    return torch._C._dispatch_get_computed_kernel_for_dispatch_key(qualname, key)
+
+
+# op -> dispatch key -> the kernel vitops._C registered, captured before vitops/ops/_define.py puts the run-time
+# backend choice on those keys (the captured kernels stay callable through `call_boxed`).
+COMPILED_KERNELS = {op: {key: k for key in DISPATCH_KEYS if (k := _compiled_kernel(op, key))} for op in SCHEMAS}
+# Whether this build of vitops._C has any CUDA kernel, to tell "the build left it out" from "none is written".
+BUILT_WITH_CUDA = any("CUDA" in kernels for kernels in COMPILED_KERNELS.values())
+
+LIBRARY = torch.library.Library("vitops", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
     if not hasattr(torch.ops.vitops, _name):
-        _fallback_library.define(_schema)
+        LIBRARY.define(_schema)
 
 
 def has_compiled_kernel(op: str, dispatch_key: str) -> bool:
     """Whether vitops._C registered a kernel of `op` for `dispatch_key` ("CPU" or "CUDA")."""
-    return dispatch_key in COMPILED_KERNELS.get(op, ())
+    return dispatch_key in COMPILED_KERNELS.get(op, {})

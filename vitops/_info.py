@@ -32,16 +32,16 @@ def backend_info() -> dict:
         "extension": {
             "loaded": _extension.LOAD_ERROR is None,
             "error": _extension.LOAD_ERROR,
-            "cuda_kernels": any(_extension.has_compiled_kernel(op, "CUDA") for op in _extension.SCHEMAS),
+            "cuda_kernels": _extension.BUILT_WITH_CUDA,
         },
-        "forced_backend": _backend._forced[-1] if _backend._forced else _backend._ENV_BACKEND,
+        "forced_backend": _backend.forced_backend(),
         "ops": {
             op: {
-                device_type: {"default": _backend.default_backend(op, device_type), "order": list(
-                    _backend._OP_PREFERENCE[op].get(device_type, _backend._PREFERENCE[device_type])
-                ), "unavailable": {
-                    b: reason for b, reason in reasons.items() if reason is not None
-                }}
+                device_type: {
+                    "default": _backend.default_backend(op, device_type),
+                    "order": list(_backend.order(op, device_type)),
+                    "unavailable": {b: reason for b, reason in reasons.items() if reason is not None},
+                }
                 for device_type, reasons in table.items()
             }
             for op, table in _backend.availability().items()
@@ -68,5 +68,6 @@ def format_info(info: dict) -> str:
             fallbacks = f" (then {', '.join(others)})" if others else ""
             lines.append(f"  {device_type} tensors -> {entry['default']}{fallbacks}")
             for backend, reason in entry["unavailable"].items():
-                lines.append(f"      not {backend}: {reason}")
+                if not reason.startswith("runs "):  # a backend of the other device type: nothing to say
+                    lines.append(f"      not {backend}: {reason}")
     return "\n".join(lines)

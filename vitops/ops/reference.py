@@ -35,6 +35,18 @@ def sample_scale(
     return scale
 
 
+def drop_path_add_empty_output(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """The output (or gradient) of drop_path_add for an input `like`: in `like`'s layout when that is dense with
+    the batch dim outermost in memory (contiguous, channels_last, ...), which the kernels walk in memory order
+    without copies; contiguous otherwise."""
+    batch_outer_dense = torch._prims_common.is_non_overlapping_and_dense_or_false(like) and (
+        like.shape[0] <= 1 or like.stride(0) * like.shape[0] == like.numel()
+    )
+    if batch_outer_dense:
+        return torch.empty_like(like, dtype=dtype)
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
 def drop_path_add(
     residual: Tensor | None, branch: Tensor, gamma: Tensor | None = None, sample_scale: Tensor | None = None
 ) -> Tensor:

@@ -11,26 +11,46 @@ import math
 import torch
 from torch import Tensor
 
-from vitops import _backend, _extension
-from vitops.ops import _fuse_conv_bn_checks as checks
 from vitops.ops import reference
+from vitops.ops._define import define_op
 
-try:
-    from vitops.ops.triton import fuse_conv_bn as _triton
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+CHANNEL_ARGS = ("bias", "running_mean", "running_var", "bn_weight", "bn_bias")
 
-    _TRITON_ERROR = None
-except ImportError as error:  # triton missing or broken: the other backends still work
-    _triton = None
-    _TRITON_ERROR = f"Triton kernels failed to import: {error}"
 
-_backend.register_op("fuse_conv_bn", has_triton=True, triton_blocker=_TRITON_ERROR)
+# --- the op's Python argument check (the compiled kernels' is in csrc/fuse_conv_bn.h) ---------------------------
+
+
+def _check(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps) -> None:
+    if weight.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"vitops.fuse_conv_bn: weight must be float32, float16, bfloat16 or float64, got {weight.dtype}")
+    if weight.ndim < 2:
+        raise ValueError(
+            "vitops.fuse_conv_bn: weight must have shape (out_channels, in_channels / groups, *kernel), got "
+            f"{tuple(weight.shape)}"
+        )
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"vitops.fuse_conv_bn: eps must be a finite number > 0, got {eps}")
+    acc = reference.accumulate_dtype(weight.dtype)
+    for name, t in zip(CHANNEL_ARGS, (bias, running_mean, running_var, bn_weight, bn_bias)):
+        if t is None:
+            continue
+        if t.device != weight.device:
+            raise ValueError(f"vitops.fuse_conv_bn: {name} is on {t.device} but weight is on {weight.device}")
+        if t.dtype != acc:
+            raise TypeError(f"vitops.fuse_conv_bn: {name} must be {acc} for a {weight.dtype} weight, got {t.dtype}")
+        if t.ndim != 1 or t.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"vitops.fuse_conv_bn: {name} must have shape ({weight.shape[0]},), one value per output channel of "
+                f"weight {tuple(weight.shape)}, got {tuple(t.shape)}"
+            )
 
 
 # --- what every backend promises: output metadata (fake kernels) and gradients (autograd) --------------------
 
 
 def _fake(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
-    checks.check_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    _check(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     return weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
 
@@ -72,26 +92,15 @@ def _backward(ctx, grad_weight, grad_bias):
     return tuple(grads)
 
 
-def _register(op: str) -> None:
-    torch.library.register_fake(op)(_fake)
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
-
-
-def _reference_impl(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
-    checks.check_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    fused_weight, fused_bias = reference.fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    return fused_weight, fused_bias
-
-
-# Where vitops._C brought no kernel, the compiled op falls back to Triton on CUDA and to the reference on CPU.
-for _key in _extension.DISPATCH_KEYS:
-    if not _extension.has_compiled_kernel("fuse_conv_bn", _key):
-        _impl = _triton.fuse_conv_bn_triton if (_key == "CUDA" and _triton is not None) else _reference_impl
-        torch.library.impl("vitops::fuse_conv_bn", _key)(_impl)
-
-_register("vitops::fuse_conv_bn")
-if _triton is not None:
-    _register("vitops::fuse_conv_bn_triton")
+define_op(
+    "fuse_conv_bn",
+    fake=_fake,
+    reference=reference.fuse_conv_bn,
+    check=_check,
+    triton="fuse_conv_bn:fuse_conv_bn",
+    backward=_backward,
+    setup_context=_setup_context,
+)
 
 
 # --- public API -----------------------------------------------------------------------------------------------
@@ -135,34 +144,11 @@ def fuse_conv_bn(
     """
     _check_tensor("weight", weight, optional=False)
     values = (bias, running_mean, running_var, bn_weight, bn_bias)
-    for name, t in zip(checks.CHANNEL_ARGS, values):
+    for name, t in zip(CHANNEL_ARGS, values):
         _check_tensor(name, t, optional=name not in ("running_mean", "running_var"))
-    if weight.ndim < 2:
-        raise ValueError(
-            "vitops.fuse_conv_bn: weight must have shape (out_channels, in_channels / groups, *kernel), got "
-            f"{tuple(weight.shape)}"
-        )
-    if weight.dtype not in checks.KERNEL_DTYPES:
-        raise TypeError(
-            f"vitops.fuse_conv_bn: weight must be float32, float16, bfloat16 or float64, got {weight.dtype}"
-        )
-    for name, t in zip(checks.CHANNEL_ARGS, values):
-        if t is None:
-            continue
-        if t.shape != (weight.shape[0],):
-            raise ValueError(
-                f"vitops.fuse_conv_bn: {name} must have shape ({weight.shape[0]},) to match weight's "
-                f"{weight.shape[0]} output channels, got {tuple(t.shape)}"
-            )
-        if t.device != weight.device:
-            raise ValueError(f"vitops.fuse_conv_bn: {name} is on {t.device} but weight is on {weight.device}")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"vitops.fuse_conv_bn: eps must be a finite number > 0, got {eps!r}")
-    eps = float(eps)
-    backend = _backend.backend_for("fuse_conv_bn", weight.device.type)
-    if backend == "torch":
-        return reference.fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    acc = reference.accumulate_dtype(weight.dtype)
+    # The kernels take the per-channel tensors in the compute dtype; casting here keeps them differentiable.
+    acc = reference.accumulate_dtype(weight.dtype) if weight.dtype in KERNEL_DTYPES else weight.dtype
     bias, running_mean, running_var, bn_weight, bn_bias = (t.to(acc) if t is not None else None for t in values)
-    op = torch.ops.vitops.fuse_conv_bn_triton if backend == "triton" else torch.ops.vitops.fuse_conv_bn
-    return op(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    return torch.ops.vitops.fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, float(eps))
