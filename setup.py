@@ -11,6 +11,7 @@ import glob
 import os
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -34,8 +35,22 @@ if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # before torch.utils.cpp_extension reads it
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
-import torch  # noqa: E402
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+# Commands that compile the extension, and dist_info: pip's metadata step before it builds a wheel, where stopping
+# comes before pip resolves (and downloads) the dependencies. sdist and egg_info need no torch.
+NEEDS_TORCH = {"dist_info", "build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+MISSING_TORCH = """vitops: torch can't be imported here, and the extension must be compiled against the torch
+it will run with.
+  If torch is installed, this is pip's (or python -m build's) isolated build environment: build without it,
+      pip install --no-build-isolation .      (python -m build --no-isolation)
+  Otherwise install torch first (https://pytorch.org/get-started), then run the line above."""
+
+try:
+    import torch  # noqa: E402
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+except ImportError:
+    if NEEDS_TORCH.intersection(sys.argv[1:]):
+        sys.exit(MISSING_TORCH)
+    torch = None
 
 
 def cuda_build_blocker():
@@ -102,11 +117,20 @@ def extensions():
     ]
 
 
+def license_metadata():
+    """Apache-2.0 as an SPDX expression (PEP 639) from setuptools 77 on; older ones (`setup.py build_ext` may meet
+    one beside an older torch) reject that in pyproject.toml, hence `license` is dynamic there, and take free text."""
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "Apache-2.0", "license_files": ["LICENSE"]}
+    return {"license": "Apache-2.0", "license_files": ["LICENSE"]}
+
+
 os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
 
 setup(
     packages=find_packages(include=["vitops", "vitops.*"]),
     package_data={"vitops.ops": ["schemas.def"]},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension},
+    ext_modules=extensions() if torch is not None else [],
+    cmdclass={"build_ext": BuildExtension} if torch is not None else {},
+    **license_metadata(),
 )
