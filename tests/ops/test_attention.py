@@ -198,8 +198,9 @@ def test_bad_inputs_say_what_is_wrong():
     # The ops themselves check too, whichever backend runs them.
     with pytest.raises(ValueError, match="not 3 \\* num_heads \\* head_dim"):
         torch.ops.vitops.attention_packed(torch.randn(1, 5, 50), 2, None)
-    with pytest.raises(ValueError, match="head_dim must be in"):
-        torch.ops.vitops.attention_triton(big, big, big, None)
+    for device, backend in [p.values for p in BACKENDS if not p.marks]:
+        with vitops.use_backend(backend), pytest.raises(ValueError, match="head_dim must be in"):
+            torch.ops.vitops.attention(big.to(device), big.to(device), big.to(device), None)
 
 
 def opcheck_samples(device, dtype):
@@ -209,24 +210,19 @@ def opcheck_samples(device, dtype):
     return qkv, q, k, v
 
 
-@pytest.mark.parametrize("device,backend", [p for p in BACKENDS if p.values[1] != "torch"] + [
-    pytest.param("cpu", "reference", id="cpu-compiled-op")])
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_opcheck(device, backend):
-    suffix = "_triton" if backend == "triton" else ""
     ops = torch.ops.vitops
-    for dtype in (torch.float32, torch.float16):
-        qkv, q, k, v = opcheck_samples(device, dtype)
-        torch.library.opcheck(getattr(ops, f"attention{suffix}"), (q.requires_grad_(), k, v, None))
-        torch.library.opcheck(getattr(ops, f"attention_packed{suffix}"), (qkv.requires_grad_(), 2, 0.5))
-        qkv, q, k, v = opcheck_samples(device, dtype)
-        out, lse = getattr(ops, f"attention{suffix}")(q, k, v, None)
-        torch.library.opcheck(
-            getattr(ops, f"attention_backward{suffix}"), (torch.ones_like(out), q, k, v, out, lse, None)
-        )
-        out, lse = getattr(ops, f"attention_packed{suffix}")(qkv, 2, None)
-        torch.library.opcheck(
-            getattr(ops, f"attention_packed_backward{suffix}"), (torch.ones_like(out), qkv, out, lse, 2, None)
-        )
+    with vitops.use_backend(backend):
+        for dtype in (torch.float32, torch.float16):
+            qkv, q, k, v = opcheck_samples(device, dtype)
+            torch.library.opcheck(ops.attention, (q.requires_grad_(), k, v, None))
+            torch.library.opcheck(ops.attention_packed, (qkv.requires_grad_(), 2, 0.5))
+            qkv, q, k, v = opcheck_samples(device, dtype)
+            out, lse = ops.attention(q, k, v, None)
+            torch.library.opcheck(ops.attention_backward, (torch.ones_like(out), q, k, v, out, lse, None))
+            out, lse = ops.attention_packed(qkv, 2, None)
+            torch.library.opcheck(ops.attention_packed_backward, (torch.ones_like(out), qkv, out, lse, 2, None))
 
 
 def attention_block(qkv, proj):
@@ -369,13 +365,21 @@ def test_patched_tiny_vit_trains_on_each_backend():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("n,d,dtype", [(300, 64, torch.float16), (40, 160, torch.bfloat16), (33, 64, torch.float32)])
-def test_compiled_cuda_op_outside_its_kernel_range(n, d, dtype):
-    """The compiled op's CUDA key must be right for any input: outside the short-sequence kernel's range it runs
-    its math fallback (the public functions send such inputs to Triton instead)."""
+@pytest.mark.parametrize(
+    "n,d,dtype,misaligned",
+    [(300, 64, torch.float16, False), (40, 160, torch.bfloat16, False), (33, 72, torch.float16, False),
+     (33, 64, torch.float32, False), (50, 64, torch.bfloat16, True)],
+)  # fmt: skip
+def test_forced_cuda_backend_inside_and_outside_its_kernel_range(n, d, dtype, misaligned):
+    """Forcing the "cuda" backend is right for any input: what the compiled kernel does not take (a head_dim it
+    was not built for, float32, rows not 16-byte aligned) runs on the op's next backend."""
     qkv = make_qkv(2, 2, n, d, dtype, "cuda")
-    out, _ = torch.ops.vitops.attention_packed(qkv, 2, None)
-    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    if misaligned:  # a storage offset of one element: no 16-byte copies
+        qkv = torch.empty(qkv.numel() + 1, dtype=dtype, device="cuda")[1:].view(qkv.shape).copy_(qkv)
+        qkv = qkv.detach().requires_grad_()
+    with vitops.use_backend("cuda"):
+        out, _ = torch.ops.vitops.attention_packed(qkv, 2, None)
+        (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
     qkv64 = qkv.detach().double().requires_grad_()
     want = reference_fn(qkv64, 2)
     (want_grad,) = torch.autograd.grad(want, qkv64, torch.ones_like(want))
@@ -401,13 +405,11 @@ def test_cuda_kernel_runs_only_when_forced(monkeypatch):
     from vitops import _backend
 
     table = {b: None if b in ("cuda", "triton", "torch") else "no" for b in _backend.BACKENDS}
-    monkeypatch.setitem(_backend._AVAILABILITY["attention"], "cuda", table)
-    monkeypatch.setattr(_backend, "_ENV_BACKEND", None)
+    monkeypatch.setitem(_backend._REASONS["attention"], "cuda", table)
+    monkeypatch.setattr(_backend, "ENV_BACKEND", None)
     assert _backend.backend_for("attention", "cuda") == "triton"
     with vitops.use_backend("cuda"):
         assert _backend.backend_for("attention", "cuda") == "cuda"
-    monkeypatch.setitem(_backend._OP_PREFERENCE, "attention", {})
-    assert _backend.backend_for("attention", "cuda") == "cuda"
 
 
 @pytest.mark.cuda

@@ -13,7 +13,7 @@ import torch
 
 from vitops.optim import reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(ROOT, "tests", "cpp", "optim_emulation.cpp")
 CUDA_CHUNK = 1 << 13  # kCudaChunk in csrc/cuda/multi_tensor_kernels.cuh
 

@@ -12,10 +12,13 @@ per-row log-sum-exp, and the backward is its own op (attention_backward / attent
 recomputes the probabilities, FlashAttention style.
 
 Backends:
-- "cuda": csrc/cuda/attention.cu, for float16/bfloat16. NEVER RUN ON A GPU YET: it was written and compiled
-  without one and checked by running its device code on the CPU (tests/ops/test_attention_cuda_emulation.py), so
-  it runs only when forced (`use_backend("cuda")`, VITOPS_BACKEND=cuda) until a GPU run has measured it; inputs
-  it does not take run on the next backend.
+- "cuda": csrc/cuda/attention.cu, FlashAttention-2 style on tensor cores (mma.sync m16n8k16, ldmatrix, cp.async
+  double buffering, online softmax; a deterministic backward without atomics), for float16/bfloat16 on sm_80+
+  with head_dim 32, 64, 80, 96 or 128 and any N. NEVER RUN ON A GPU YET: written and compiled without one, and
+  checked by running its device code, warp-level matrix instructions included, on the CPU
+  (tests/ops/test_attention_cuda_emulation.py). So it runs only when forced (`use_backend("cuda")`,
+  VITOPS_BACKEND=cuda) until a GPU run has measured it; inputs it does not take (`_cuda_kernel_takes`) run on
+  the next backend.
 - "triton": FlashAttention-2 style kernels for any N (CUDA tensors, or CPU under TRITON_INTERPRET=1); float16,
   bfloat16 (float32 accumulation) and float32 (IEEE float32 dots).
 - "torch": on CPU, PyTorch's fused flash-attention CPU kernels (what SDPA runs, with its log-sum-exp), which
@@ -23,6 +26,8 @@ Backends:
 Any N >= 1; head_dim up to 256; float64 runs on the torch backend.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -56,6 +61,12 @@ def _check_head_dim(op: str, d: int) -> None:
         raise ValueError(f"vitops.{op}: head_dim must be in [1, {MAX_HEAD_DIM}], got {d}")
 
 
+def _check_scale(op: str, scale: float | None) -> None:
+    # An inf or NaN scale makes every score NaN; aten's flash CPU kernel would answer 0 for it.
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"vitops.{op}: scale must be finite (or None for head_dim ** -0.5), got {scale}")
+
+
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, op: str = "attention") -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(op, name, t, 4)
@@ -69,7 +80,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, op: s
             f"vitops.{op}: expected q (B, H, Nq, D) and k, v (B, H, Nk, D), got q {tuple(q.shape)}, "
             f"k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
+    if k.shape[2] == 0 and q.shape[2] > 0:
+        raise ValueError(f"vitops.{op}: k and v have no tokens (Nk = 0) for q's {q.shape[2]}: each query needs a key")
     _check_head_dim(op, q.shape[-1])
+    _check_scale(op, scale)
 
 
 def check_packed(qkv: Tensor, num_heads: int, scale: float | None = None, op: str = "attention_packed") -> int:
@@ -84,6 +98,7 @@ def check_packed(qkv: Tensor, num_heads: int, scale: float | None = None, op: st
         )
     d = c3 // (3 * num_heads)
     _check_head_dim(op, d)
+    _check_scale(op, scale)
     return d
 
 
@@ -91,7 +106,7 @@ def check_packed(qkv: Tensor, num_heads: int, scale: float | None = None, op: st
 
 
 def _attention_fake(q, k, v, scale):
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, scale)
     lse = q.new_empty(q.shape[:-1], dtype=reference.accumulate_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
@@ -101,7 +116,7 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, scale):
 
 
 def _packed_fake(qkv, num_heads, scale):
-    check_packed(qkv, num_heads)
+    check_packed(qkv, num_heads, scale)
     b, n, c3 = qkv.shape
     out = qkv.new_empty((b, n, c3 // 3))
     lse = qkv.new_empty((b, num_heads, n), dtype=reference.accumulate_dtype(qkv.dtype))
@@ -115,14 +130,22 @@ def _packed_backward_fake(grad_out, qkv, out, lse, num_heads, scale):
 # --- the torch backend: PyTorch's flash-attention CPU kernels, the reference elsewhere ---------------------------
 
 
+def _runs_aten_flash(q: Tensor, k: Tensor) -> bool:
+    """Whether aten's flash-attention CPU kernels compute what the reference does. They divide by zero (SIGFPE)
+    on an empty batch, head or sequence dim, and return out = 0, lse = 0 for a query whose scores are all NaN
+    (a NaN in q, say: they take the row for a masked one) where the answer is NaN. Inputs like those run on the
+    reference; the check is O(N * D) next to the kernels' O(N^2 * D), and on CPU costs no device sync."""
+    return q.device.type == "cpu" and q.numel() > 0 and k.numel() > 0 and bool(q.isfinite().all() & k.isfinite().all())
+
+
 def _torch_forward(q, k, v, scale):
-    if q.device.type == "cpu":
+    if _runs_aten_flash(q, k):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return reference.attention_forward(q, k, v, scale)
 
 
 def _torch_backward(grad_out, q, k, v, out, lse, scale):
-    if q.device.type == "cpu":
+    if _runs_aten_flash(q, k):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, False, scale=scale
         )
@@ -200,24 +223,44 @@ _ORDER = {"cuda": ("triton", "cuda", "torch")}
 CUDA_KERNEL_HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
-def _cuda_kernel_takes(dtype: torch.dtype, head_dim: int) -> bool:
-    return dtype in (torch.float16, torch.bfloat16) and head_dim in CUDA_KERNEL_HEAD_DIMS
+def _cuda_kernel_takes(tensors: tuple[Tensor, ...], head_dim: int) -> bool:
+    """The compiled kernel's contract (csrc/cuda/attention.cu): float16 or bfloat16 on an sm_80 or newer GPU, a
+    head_dim it was built for, and rows it can copy 16 bytes at a time: the last dim contiguous, every other
+    stride a multiple of 8 elements, the data 16-byte aligned."""
+    first = tensors[0]
+    if first.dtype not in (torch.float16, torch.bfloat16) or head_dim not in CUDA_KERNEL_HEAD_DIMS:
+        return False
+    if torch.cuda.get_device_capability(first.device) < (8, 0):
+        return False
+    return all(
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(stride % 8 == 0 for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1)
+        for t in tensors
+    )
 
 
-def _supports(dtype_and_head_dim) -> dict:
-    """Per backend, whether its kernel takes the op's arguments; `dtype_and_head_dim(*args)` reads them off."""
+def _supports(tensors_and_head_dim) -> dict:
+    """Per backend, whether its kernel takes the op's arguments; `tensors_and_head_dim(*args)` reads off the
+    tensors the kernel reads in place (the first one's dtype is everyone's) and the head_dim."""
     return {
-        "cuda": lambda *args: _cuda_kernel_takes(*dtype_and_head_dim(*args)),
-        "triton": lambda *args: dtype_and_head_dim(*args)[0] != torch.float64,  # float64 runs on torch
+        "cuda": lambda *args: _cuda_kernel_takes(*tensors_and_head_dim(*args)),
+        "triton": lambda *args: tensors_and_head_dim(*args)[0][0].dtype != torch.float64,  # float64 runs on torch
     }
 
 
+def _packed_head_dim(qkv: Tensor, num_heads: int) -> int:
+    return qkv.shape[-1] // (3 * num_heads)
+
+
 _SUPPORTS = {
-    "attention": _supports(lambda q, k, v, scale: (q.dtype, q.shape[-1])),
-    "attention_backward": _supports(lambda grad_out, q, *rest: (q.dtype, q.shape[-1])),
-    "attention_packed": _supports(lambda qkv, num_heads, scale: (qkv.dtype, qkv.shape[-1] // (3 * num_heads))),
+    "attention": _supports(lambda q, k, v, scale: ((q, k, v), q.shape[-1])),
+    "attention_backward": _supports(
+        lambda grad_out, q, k, v, out, lse, scale: ((q, k, v, grad_out, out), q.shape[-1])
+    ),
+    "attention_packed": _supports(lambda qkv, num_heads, scale: ((qkv,), _packed_head_dim(qkv, num_heads))),
     "attention_packed_backward": _supports(
-        lambda grad_out, qkv, out, lse, num_heads, scale: (qkv.dtype, qkv.shape[-1] // (3 * num_heads))
+        lambda grad_out, qkv, out, lse, num_heads, scale: ((qkv, grad_out, out), _packed_head_dim(qkv, num_heads))
     ),
 }
 _NO_CPU_KERNEL = {"cpu": "none is written: the torch backend runs PyTorch's fused flash-attention CPU kernels"}
@@ -264,7 +307,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
     Returns:
         Contiguous (B, H, Nq, D) in q's dtype. Differentiable in q, k and v.
     """
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, scale)
     return torch.ops.vitops.attention(q, k, v, scale)[0]
 
 
@@ -280,5 +323,5 @@ def attention_packed(qkv: Tensor, num_heads: int, *, scale: float | None = None)
     Returns:
         Contiguous (B, N, H * D) in qkv's dtype. Its backward writes one packed (B, N, 3 * H * D) gradient.
     """
-    check_packed(qkv, num_heads)
+    check_packed(qkv, num_heads, scale)
     return torch.ops.vitops.attention_packed(qkv, num_heads, scale)[0]
