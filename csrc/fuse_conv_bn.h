@@ -1,41 +1,65 @@
 #pragma once
-// Argument checks shared by the CPU and CUDA kernels of fuse_conv_bn. The Python wrapper and the fake kernel in
-// vitops/ops/fuse_conv_bn.py apply the same rules, so every backend accepts the same arguments.
-#include <ATen/Dispatch.h>
+// fuse_conv_bn's one truth, shared by its CPU kernel (cpu/fuse_conv_bn.cpp), its CUDA kernel
+// (cuda/fuse_conv_bn.cuh, launched from cuda/fuse_conv_bn.cu) and their emulation on the CPU
+// (tests/cpp/elementwise_emulation.cpp):
+//  1. the per-channel math, ATen-free templates over the arithmetic type (rounded.h): the accumulate type (float;
+//     double for a double weight) on the host, its Rounded twin on the device;
+//  2. the argument checks and outputs, which need ATen and which the CUDA emulation leaves out. The Python wrapper
+//     and fake kernel in vitops/ops/fuse_conv_bn.py apply the same rules, so every backend accepts the same
+//     arguments.
+#include "rounded.h"
+
+namespace vitops {
+
+// --- 1. per-channel math --------------------------------------------------------------------------------------
+// Folds an inference-mode BatchNorm into the convolution before it, in the reference's order:
+//   inv_std = 1 / sqrt(running_var + eps)
+//   fused_weight = weight * (bn_weight * inv_std)                        per output channel
+//   fused_bias = ((bias - running_mean) * inv_std) * bn_weight + bn_bias
+// An absent tensor takes the value that gives exactly the reference's formula without it: bias -0
+// (-0 - m == -m), bn_weight 1, bn_bias -0 (x + -0 == x, -0 included).
+template <typename T>
+VITOPS_MATH T bn_inv_std(T running_var, T eps) {
+  return T(1) / sqrt_rn(running_var + eps);
+}
+
+template <typename T>
+VITOPS_MATH T fused_conv_weight(T weight, T bn_weight, T inv_std) {
+  return weight * (bn_weight * inv_std);
+}
+
+template <typename T>
+VITOPS_MATH T fused_conv_bias(T bias, T running_mean, T inv_std, T bn_weight, T bn_bias) {
+  return ((bias - running_mean) * inv_std) * bn_weight + bn_bias;
+}
+
+}  // namespace vitops
+
+#ifndef VITOPS_EMULATE_CUDA
+// --- 2. argument checks and outputs (ATen) -------------------------------------------------------------------
+#include "checks.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
 
 #include <cmath>
 #include <optional>
 
 namespace vitops {
 
-#ifndef VITOPS_CHECK_ARG
-#define VITOPS_CHECK_ARG(cond, op, ...) TORCH_CHECK(cond, "vitops.", op, ": ", __VA_ARGS__)
-#endif
-
-// The dtype every per-channel tensor must have, and the kernels compute in: double for a double weight,
-// float otherwise.
-inline at::ScalarType fuse_conv_bn_accumulate_dtype(at::ScalarType weight) {
-  return weight == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline void check_fuse_conv_bn_channel_tensor(
     const char* name, const at::Tensor& t, const at::Tensor& weight, at::ScalarType acc) {
   constexpr const char* op = "fuse_conv_bn";
-  VITOPS_CHECK_ARG(
-      t.device() == weight.device(), op, name, " is on ", t.device(), " but weight is on ", weight.device());
-  VITOPS_CHECK_ARG(
+  check_same_device(op, name, t, "weight", weight);
+  VITOPS_CHECK_TYPE(
       t.scalar_type() == acc, op, name, " must be ", acc, " for a ", weight.scalar_type(), " weight, got ",
       t.scalar_type());
-  VITOPS_CHECK_ARG(
+  VITOPS_CHECK(
       t.dim() == 1 && t.size(0) == weight.size(0), op, name, " must have shape (", weight.size(0),
       ",), one value per output channel of weight ", weight.sizes(), ", got ", t.sizes());
 }
 
-// Checks every argument; returns the accumulate dtype.
-inline at::ScalarType check_fuse_conv_bn(
+inline void check_fuse_conv_bn(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const at::Tensor& running_mean,
@@ -44,27 +68,25 @@ inline at::ScalarType check_fuse_conv_bn(
     const std::optional<at::Tensor>& bn_bias,
     double eps) {
   constexpr const char* op = "fuse_conv_bn";
-  const auto dtype = weight.scalar_type();
-  VITOPS_CHECK_ARG(
-      dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
-      "weight must be float32, float16, bfloat16 or float64, got ", dtype);
-  VITOPS_CHECK_ARG(
+  VITOPS_CHECK_TYPE(
+      is_floating_kernel_dtype(weight.scalar_type()), op, "weight must be float32, float16, bfloat16 or float64, got ",
+      weight.scalar_type());
+  VITOPS_CHECK(
       weight.dim() >= 2, op, "weight must have shape (out_channels, in_channels / groups, *kernel), got ",
       weight.sizes());
-  VITOPS_CHECK_ARG(std::isfinite(eps) && eps > 0, op, "eps must be a finite number > 0, got ", eps);
-  const auto acc = fuse_conv_bn_accumulate_dtype(dtype);
-  if (bias.has_value()) {
-    check_fuse_conv_bn_channel_tensor("bias", *bias, weight, acc);
+  VITOPS_CHECK(std::isfinite(eps) && eps > 0, op, "eps must be a finite number > 0, got ", eps);
+  const auto acc = accumulate_dtype(weight.scalar_type());
+  const std::pair<const char*, const at::Tensor*> channel_tensors[] = {
+      {"bias", bias ? &*bias : nullptr},
+      {"running_mean", &running_mean},
+      {"running_var", &running_var},
+      {"bn_weight", bn_weight ? &*bn_weight : nullptr},
+      {"bn_bias", bn_bias ? &*bn_bias : nullptr}};
+  for (const auto& [name, t] : channel_tensors) {
+    if (t != nullptr) {
+      check_fuse_conv_bn_channel_tensor(name, *t, weight, acc);
+    }
   }
-  check_fuse_conv_bn_channel_tensor("running_mean", running_mean, weight, acc);
-  check_fuse_conv_bn_channel_tensor("running_var", running_var, weight, acc);
-  if (bn_weight.has_value()) {
-    check_fuse_conv_bn_channel_tensor("bn_weight", *bn_weight, weight, acc);
-  }
-  if (bn_bias.has_value()) {
-    check_fuse_conv_bn_channel_tensor("bn_bias", *bn_bias, weight, acc);
-  }
-  return acc;
 }
 
 // The kernels' view of the arguments: contiguous tensors, and the two outputs allocated contiguous.
@@ -81,10 +103,6 @@ struct FuseConvBnArgs {
   int64_t per_channel;  // weight elements of one output channel
 };
 
-inline std::optional<at::Tensor> fuse_conv_bn_contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
-}
-
 inline FuseConvBnArgs prepare_fuse_conv_bn(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -96,11 +114,11 @@ inline FuseConvBnArgs prepare_fuse_conv_bn(
   check_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps);
   FuseConvBnArgs args;
   args.weight = weight.contiguous();
-  args.bias = fuse_conv_bn_contiguous(bias);
+  args.bias = contiguous_or_none(bias);
   args.running_mean = running_mean.contiguous();
   args.running_var = running_var.contiguous();
-  args.bn_weight = fuse_conv_bn_contiguous(bn_weight);
-  args.bn_bias = fuse_conv_bn_contiguous(bn_bias);
+  args.bn_weight = contiguous_or_none(bn_weight);
+  args.bn_bias = contiguous_or_none(bn_bias);
   args.channels = weight.size(0);
   args.per_channel = args.channels == 0 ? 0 : weight.numel() / args.channels;
   args.fused_weight = at::empty(weight.sizes(), weight.options());
@@ -108,9 +126,5 @@ inline FuseConvBnArgs prepare_fuse_conv_bn(
   return args;
 }
 
-template <typename T>
-inline const T* fuse_conv_bn_data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
 }  // namespace vitops
+#endif  // VITOPS_EMULATE_CUDA

@@ -1,29 +1,26 @@
-// CPU kernel of fuse_conv_bn: one pass over the weights, parallel over output channels.
-//   scale = bn_weight / sqrt(running_var + eps)
-//   fused_weight = weight * scale                      (per output channel)
-//   fused_bias = (bias - running_mean) / sqrt(running_var + eps) * bn_weight + bn_bias
-// in the order torch.nn.utils.fusion.fuse_conv_bn_weights uses, computed in float (double for double weights).
+// CPU kernel of fuse_conv_bn: one pass over the weights, parallel over output channels, with the per-channel math
+// of ../fuse_conv_bn.h.
 #include "../fuse_conv_bn.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 
 namespace vitops {
+namespace cpu {
 namespace {
 
-template <typename scalar_t>
-void fuse_conv_bn_kernel(const FuseConvBnArgs& args, double eps) {
-  using acc_t = at::opmath_type<scalar_t>;
+template <typename scalar_t, typename acc_t>
+void fuse_conv_bn_kernel(const FuseConvBnArgs& args, acc_t eps) {
   const scalar_t* w = args.weight.const_data_ptr<scalar_t>();
-  const acc_t* b = fuse_conv_bn_data_or_null<acc_t>(args.bias);
+  const acc_t* bias = data_or_null<acc_t>(args.bias);
   const acc_t* mean = args.running_mean.const_data_ptr<acc_t>();
   const acc_t* var = args.running_var.const_data_ptr<acc_t>();
-  const acc_t* gamma = fuse_conv_bn_data_or_null<acc_t>(args.bn_weight);
-  const acc_t* beta = fuse_conv_bn_data_or_null<acc_t>(args.bn_bias);
+  const acc_t* bn_weight = data_or_null<acc_t>(args.bn_weight);
+  const acc_t* bn_bias = data_or_null<acc_t>(args.bn_bias);
   scalar_t* out_w = args.fused_weight.mutable_data_ptr<scalar_t>();
   scalar_t* out_b = args.fused_bias.mutable_data_ptr<scalar_t>();
   const int64_t n = args.per_channel;
@@ -31,16 +28,15 @@ void fuse_conv_bn_kernel(const FuseConvBnArgs& args, double eps) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, args.channels, grain, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      const acc_t inv_std = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
-      const acc_t g = gamma ? gamma[c] : acc_t(1);
-      const acc_t scale = g * inv_std;
+      const acc_t inv_std = bn_inv_std(var[c], eps);
+      const acc_t g = bn_weight ? bn_weight[c] : acc_t(1);
       const scalar_t* src = w + c * n;
       scalar_t* dst = out_w + c * n;
       for (int64_t j = 0; j < n; ++j) {
-        dst[j] = static_cast<scalar_t>(acc_t(src[j]) * scale);
+        dst[j] = static_cast<scalar_t>(fused_conv_weight(acc_t(src[j]), g, inv_std));
       }
-      const acc_t centred = (b ? b[c] : acc_t(0)) - mean[c];
-      out_b[c] = static_cast<scalar_t>((centred * inv_std) * g + (beta ? beta[c] : acc_t(0)));
+      out_b[c] = static_cast<scalar_t>(fused_conv_bias(
+          bias ? bias[c] : acc_t(-0.0), mean[c], inv_std, g, bn_bias ? bn_bias[c] : acc_t(-0.0)));
     }
   });
 }
@@ -56,16 +52,18 @@ std::tuple<at::Tensor, at::Tensor> fuse_conv_bn_cpu(
   auto args = prepare_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps);
   if (args.channels > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vitops::fuse_conv_bn", [&] {
-      fuse_conv_bn_kernel<scalar_t>(args, eps);
+      using acc_t = at::opmath_type<scalar_t>;
+      fuse_conv_bn_kernel<scalar_t, acc_t>(args, static_cast<acc_t>(eps));
     });
   }
   return {args.fused_weight, args.fused_bias};
 }
 
 }  // namespace
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(vitops, CPU, m) {
-  m.impl("fuse_conv_bn", &fuse_conv_bn_cpu);
+  m.impl("fuse_conv_bn", &cpu::fuse_conv_bn_cpu);
 }
 
 }  // namespace vitops

@@ -1,52 +1,49 @@
 #pragma once
-// CUDA kernels of drop_path_add. Memory-bound, so the design is about bytes:
+// CUDA kernels of drop_path_add and their launch plans, launched by drop_path_add.cu. ATen-free, so that the CUDA
+// emulation (tests/cpp/elementwise_emulation.cpp) runs these very lines on the CPU. The per-element math is
+// ../drop_path_add.h's. Memory-bound, so the design is about bytes:
 //  - 16-byte vector accesses for the narrowest tensor;
 //  - each thread strides through memory by a multiple of gamma's period, so it always meets the same channels:
 //    it loads its gamma values once, and sums gamma's gradient in registers;
 //  - a dropped sample reads nothing of its branch, forward or backward.
+// Thread indices, positions and strides are 64-bit: a tensor may hold more than 2^31 elements.
 #include "../drop_path_add.h"
-
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
 
 namespace vitops {
 namespace cuda {
+
+constexpr int kThreadsPerBlock = 256;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T val[N];
 };
 
-// Explicitly rounded arithmetic, never contracted into an FMA, so float32 results are bit-identical to
-// timm's `residual + drop_path(branch * gamma)` evaluated op by op.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
 struct LaunchPlan {
   int64_t numel;
   int64_t per_sample;
   int64_t inner;
-  int64_t period;         // elements after which a thread meets the same channels again
-  int64_t threads;        // threads that do work; each starts at thread_index * VEC
-  int64_t stride;         // threads * VEC, a multiple of period
-  int64_t stride_samples; // stride / per_sample
-  int64_t stride_rem;     // stride % per_sample
-  bool channel_per_lane;  // inner == 1: the VEC lanes of a vector hold VEC consecutive channels
+  int64_t period;          // elements after which a thread meets the same channels again
+  int64_t threads;         // threads that do work; thread t starts at memory position t * VEC
+  int64_t stride;          // threads * VEC, a multiple of period
+  int64_t stride_samples;  // stride / per_sample
+  int64_t stride_rem;      // stride % per_sample
+  bool channel_per_lane;   // inner == 1: the VEC lanes of a vector hold VEC consecutive channels
 };
 
 inline bool is_aligned(const void* p, int bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
-// The vector width the tensors allow: 16 bytes of the narrowest type, or 1.
-template <typename out_t, typename branch_t>
+// The vector width the tensors allow: 16 bytes of the narrowest type, or 1. `pointers` lists each tensor's data
+// (null for an absent one) with its element size.
+template <typename branch_t>
 inline int pick_vec(const DropPathAddLayout& L, std::initializer_list<std::pair<const void*, int>> pointers) {
   constexpr int vec = 16 / sizeof(branch_t);
   bool ok = L.per_sample % vec == 0;
@@ -59,6 +56,8 @@ inline int pick_vec(const DropPathAddLayout& L, std::initializer_list<std::pair<
   return ok ? vec : 1;
 }
 
+// About `target_threads` threads (at least one per vector of gamma's period), each striding by a multiple of
+// the period.
 inline LaunchPlan make_plan(const DropPathAddLayout& L, int vec, int64_t target_threads) {
   LaunchPlan plan;
   plan.numel = L.numel;
@@ -74,6 +73,26 @@ inline LaunchPlan make_plan(const DropPathAddLayout& L, int vec, int64_t target_
   plan.stride_samples = plan.stride / L.per_sample;
   plan.stride_rem = plan.stride % L.per_sample;
   return plan;
+}
+
+// Calls fn(std::integral_constant<int, VEC>()) with the vector width pick_vec chose: the kernels are built for
+// 16-byte vectors (kVec lanes) and for single elements.
+template <int kVec, typename Fn>
+inline void with_vec(int vec, const Fn& fn) {
+  if (vec == kVec) {
+    fn(std::integral_constant<int, kVec>());
+  } else {
+    fn(std::integral_constant<int, 1>());
+  }
+}
+
+inline int64_t blocks_for(const LaunchPlan& plan) {
+  return (plan.threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
+}
+
+// The global index of this thread, in 64 bits: blockIdx.x * blockDim.x alone is a 32-bit product.
+__device__ __forceinline__ int64_t global_thread_index() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
 // Walks this thread's positions: calls fn(p, sample) for p = first, first + stride, ... below numel.
@@ -105,17 +124,17 @@ __device__ __forceinline__ void load_gamma(const acc_t* gamma, const LaunchPlan&
   for (int j = 0; j < VEC; ++j) g[j] = gamma[plan.channel_per_lane ? channel + j : channel];
 }
 
-template <typename out_t, typename branch_t, int VEC>
+template <typename out_t, typename branch_t, typename acc_t, int VEC>
 __global__ void drop_path_add_forward_kernel(
     const out_t* __restrict__ residual,
     const branch_t* __restrict__ branch,
-    const at::opmath_type<out_t>* __restrict__ gamma,
-    const at::opmath_type<out_t>* __restrict__ scale,
+    const acc_t* __restrict__ gamma,
+    const acc_t* __restrict__ scale,
     out_t* __restrict__ out,
     LaunchPlan plan) {
-  using acc_t = at::opmath_type<out_t>;
-  const int64_t thread = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t thread = global_thread_index();
   if (thread >= plan.threads) return;
+  using R = Rounded<acc_t>;
   const int64_t first = thread * VEC;
   acc_t g[VEC];
   load_gamma<acc_t, VEC>(gamma, plan, first, g);
@@ -128,7 +147,7 @@ __global__ void drop_path_add_forward_kernel(
 #pragma unroll
       for (int j = 0; j < VEC; ++j) r.val[j] = out_t(0);
     }
-    if (s == acc_t(0)) {
+    if (s == acc_t(0)) {  // dropped: its residual, or zeros; its branch is not read
       *reinterpret_cast<Vec<out_t, VEC>*>(out + p) = r;
       return;
     }
@@ -136,26 +155,29 @@ __global__ void drop_path_add_forward_kernel(
     Vec<out_t, VEC> o;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const acc_t t = mul_rn(mul_rn(acc_t(b.val[j]), g[j]), s);
-      o.val[j] = static_cast<out_t>(residual ? add_rn(acc_t(r.val[j]), t) : t);
+      const R bj = acc_t(b.val[j]);
+      const R o_j = residual ? drop_path_add_element<R>(acc_t(r.val[j]), bj, g[j], s) : drop_path_term<R>(bj, g[j], s);
+      o.val[j] = static_cast<out_t>(o_j.value);
     }
     *reinterpret_cast<Vec<out_t, VEC>*>(out + p) = o;
   });
 }
 
-// grad_branch = (grad_out * s) * gamma; gamma's gradient is summed per thread into `gamma_partials`:
-// VEC values per thread when the lanes hold different channels, else one.
-template <typename out_t, typename branch_t, int VEC>
+// grad_branch = drop_path_grad(grad_out, s, gamma), and gamma's gradient summed per thread into
+// `gamma_partials`: per lane at [thread * VEC + lane] when the lanes hold different channels (channel_per_lane;
+// partial i belongs to channel i % channels), else at [thread] (partial i belongs to channel
+// (i / (inner / VEC)) % channels).
+template <typename out_t, typename branch_t, typename acc_t, int VEC>
 __global__ void drop_path_add_backward_kernel(
     const out_t* __restrict__ grad_out,
     const branch_t* __restrict__ branch,
-    const at::opmath_type<out_t>* __restrict__ gamma,
-    const at::opmath_type<out_t>* __restrict__ scale,
+    const acc_t* __restrict__ gamma,
+    const acc_t* __restrict__ scale,
     branch_t* __restrict__ grad_branch,
-    at::opmath_type<out_t>* __restrict__ gamma_partials,
+    acc_t* __restrict__ gamma_partials,
     LaunchPlan plan) {
-  using acc_t = at::opmath_type<out_t>;
-  const int64_t thread = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  using R = Rounded<acc_t>;
+  const int64_t thread = global_thread_index();
   if (thread >= plan.threads) return;
   const int64_t first = thread * VEC;
   acc_t g[VEC];
@@ -165,7 +187,7 @@ __global__ void drop_path_add_backward_kernel(
   for (int j = 0; j < VEC; ++j) acc[j] = acc_t(0);
   for_each_position(plan, first, [&](int64_t p, int64_t sample) {
     const acc_t s = scale ? scale[sample] : acc_t(1);
-    if (s == acc_t(0)) {
+    if (s == acc_t(0)) {  // dropped: its gradients are exactly 0, even where grad_out is not finite
       if (grad_branch) {
         Vec<branch_t, VEC> zero;
 #pragma unroll
@@ -178,13 +200,15 @@ __global__ void drop_path_add_backward_kernel(
     if (grad_branch) {
       Vec<branch_t, VEC> gb;
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) gb.val[j] = static_cast<branch_t>(mul_rn(mul_rn(acc_t(go.val[j]), s), g[j]));
+      for (int j = 0; j < VEC; ++j) {
+        gb.val[j] = static_cast<branch_t>(drop_path_grad<R>(acc_t(go.val[j]), s, g[j]).value);
+      }
       *reinterpret_cast<Vec<branch_t, VEC>*>(grad_branch + p) = gb;
     }
     if (gamma_partials) {
       const auto b = *reinterpret_cast<const Vec<branch_t, VEC>*>(branch + p);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[j] += acc_t(go.val[j]) * s * acc_t(b.val[j]);
+      for (int j = 0; j < VEC; ++j) acc[j] += drop_path_grad<R>(acc_t(go.val[j]), s, acc_t(b.val[j])).value;
     }
   });
   if (gamma_partials) {
@@ -198,17 +222,6 @@ __global__ void drop_path_add_backward_kernel(
       gamma_partials[thread] = sum;
     }
   }
-}
-
-constexpr int kThreadsPerBlock = 256;
-
-inline int64_t resident_threads() {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  return int64_t(props->multiProcessorCount) * props->maxThreadsPerMultiProcessor;
-}
-
-inline unsigned blocks_for(const LaunchPlan& plan) {
-  return static_cast<unsigned>((plan.threads + kThreadsPerBlock - 1) / kThreadsPerBlock);
 }
 
 }  // namespace cuda

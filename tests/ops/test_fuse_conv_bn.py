@@ -1,16 +1,16 @@
 """vitops.ops.fuse_conv_bn: every backend against the reference and torch's fuse_conv_bn_weights, gradients,
 bad input, opcheck and torch.compile."""
+import ctypes
 import os
 
 import pytest
 import torch
-from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import vitops
 from vitops import _backend, _extension
 from vitops.ops import fuse_conv_bn, reference
-from tests.triton_aot import assert_compiles_for_sm90
+from tests.cpp import emulation
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -54,42 +54,9 @@ def torch_fused(weight, t, eps=1e-5):
     )  # fmt: skip
 
 
-def randomize_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics and affine parameters, so folding mistakes show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
-                if m.affine:
-                    m.weight.copy_(torch.randn(n, generator=g) * 0.5 + 1)
-                    m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-    return model
-
-
-def assert_same_output(a, b, *, rel=1e-5):
-    """Equal to `rel` relative to the output's scale (max |a|)."""
-    scale = a.abs().max().clamp_min(1e-12)
-    err = (a - b).abs().max() / scale
-    assert err <= rel, f"relative error {err.item():.3g} > {rel}"
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
 # --- the op ----------------------------------------------------------------------------------------------------
 
 WEIGHT_SHAPES = [(8, 4), (6, 3, 5), (16, 4, 3, 3), (4, 1, 3, 3), (12, 2, 1, 1), (5, 3, 5, 5), (4, 2, 3, 3, 3)]
-
-
-def test_schema_matches_compiled_library():
-    if _extension.LOAD_ERROR is not None:
-        pytest.skip(f"vitops._C is {_extension.LOAD_ERROR}")
-    registered = str(torch.ops.vitops.fuse_conv_bn.default._schema)
-    assert registered == "vitops::" + _extension.SCHEMAS["fuse_conv_bn"]
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -168,30 +135,22 @@ def test_bad_arguments_name_the_argument(change, error, match):
         fuse_conv_bn(**args)
 
 
-def raw_ops():
-    ops = []
-    if _extension.has_compiled_kernel("fuse_conv_bn", "CPU"):
-        ops.append(pytest.param(torch.ops.vitops.fuse_conv_bn, id="compiled"))
-    if TRITON_CPU:
-        ops.append(pytest.param(torch.ops.vitops.fuse_conv_bn_triton, id="triton"))
-    return ops
-
-
-@pytest.mark.parametrize("op", raw_ops())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize(
-    "name,value,match",
+    "name,value,error,match",
     [
-        ("bn_weight", torch.rand(8, dtype=torch.float64), "bn_weight must be \\S+ for a \\S+ weight, got"),
-        ("running_var", torch.rand(9), "running_var must have shape \\(8,\\)"),
-        ("eps", 0.0, "eps must be a finite number > 0"),
+        ("bn_weight", torch.rand(8, dtype=torch.float64), TypeError, "bn_weight must be \\S+ for a \\S+ weight, got"),
+        ("running_var", torch.rand(9), ValueError, "running_var must have shape \\(8,\\)"),
+        ("eps", 0.0, ValueError, "eps must be a finite number > 0"),
     ],
 )
-def test_raw_op_checks_name_the_argument(op, name, value, match):
+def test_raw_op_checks_name_the_argument(backend, name, value, error, match):
+    """Direct torch.ops calls skip the Python wrapper; every backend checks the op's own arguments alike."""
     args = dict(weight=torch.randn(8, 4, 3, 3), eps=1e-5, **channel_tensors(8))
     args[name] = value
     order = ("weight", "bias", "running_mean", "running_var", "bn_weight", "bn_bias", "eps")
-    with pytest.raises(RuntimeError, match="vitops.fuse_conv_bn: " + match):
-        op(*(args[k] for k in order))
+    with vitops.use_backend(backend), pytest.raises(error, match="vitops.fuse_conv_bn: " + match):
+        torch.ops.vitops.fuse_conv_bn(*(args[k] for k in order))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -214,18 +173,16 @@ def test_gradcheck_float64(backend, bias, affine):
             assert torch.autograd.gradgradcheck(f, (weight, *(t[k] for k in names)))
 
 
-def test_opcheck():
-    ops = [torch.ops.vitops.fuse_conv_bn]
-    if TRITON_CPU:
-        ops.append(torch.ops.vitops.fuse_conv_bn_triton)
-    for op in ops:
-        for shape, bias, affine, grad in [((8, 4, 3, 3), True, True, True), ((6, 3, 5), False, False, False)]:
-            t = channel_tensors(shape[0], bias=bias, affine=affine)
-            weight = torch.randn(shape, requires_grad=grad)
-            if grad:
-                for v in t.values():
-                    v.requires_grad_(True)
-            torch.library.opcheck(op, (weight, *t.values(), 1e-5))
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend):
+    for shape, bias, affine, grad in [((8, 4, 3, 3), True, True, True), ((6, 3, 5), False, False, False)]:
+        t = channel_tensors(shape[0], bias=bias, affine=affine)
+        weight = torch.randn(shape, requires_grad=grad)
+        if grad:
+            for v in t.values():
+                v.requires_grad_(True)
+        with vitops.use_backend(backend):
+            torch.library.opcheck(torch.ops.vitops.fuse_conv_bn, (weight, *t.values(), 1e-5))
 
 
 def test_torch_compile_fullgraph():
@@ -243,34 +200,6 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(out, conv_bn(x, weight, *t.values()))
     out.sum().backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
-
-
-@pytest.mark.skipif(_backend.TRITON_BLOCKER is not None, reason="needs triton")
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp64"])
-def test_triton_kernel_compiles_for_sm90(dtype):
-    """The Triton kernel compiles for an H100 without a GPU (tests/triton_aot.py), and float32 uses IEEE-rounded
-    sqrt and division."""
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    assert_compiles_for_sm90(
-        f"""
-    from vitops.ops.triton.fuse_conv_bn import _fuse_conv_bn_kernel
-
-    signature = dict(
-        weight_ptr="*{dtype}", bias_ptr="constexpr", mean_ptr="*{acc}", var_ptr="*{acc}", gamma_ptr="*{acc}",
-        beta_ptr="*{acc}", fused_weight_ptr="*{dtype}", fused_bias_ptr="*{dtype}", channels="i32",
-        per_channel="i32", eps="fp32",
-    )
-    constants = dict(
-        bias_ptr=None, HAS_BIAS=False, HAS_GAMMA=True, HAS_BETA=True, BLOCK_C=4, BLOCK_K=1024,
-        ACC=tl.{"float64" if acc == "fp64" else "float32"}, IS_FP64={acc == "fp64"},
-    )
-    ptx = compile(_fuse_conv_bn_kernel, signature, constants)
-    if "{acc}" == "fp32":
-        assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
-    else:
-        assert "sqrt.rn.f64" in ptx
-    """
-    )
 
 
 @pytest.mark.cuda
@@ -300,3 +229,63 @@ def test_cuda_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.vitops.fuse_conv_bn, (weight.float(), *(v.float() for v in t.values()), 1e-5))
 
 
+# --- the CUDA kernel, run on the CPU ----------------------------------------------------------------------------
+# csrc/cuda/fuse_conv_bn.cuh compiled as plain C++ (tests/cpp/elementwise_emulation.cpp, one std::thread per CUDA
+# thread), launched as csrc/cuda/fuse_conv_bn.cu launches it. Without a GPU this is what checks its indexing and
+# its math; it says nothing about its speed.
+
+EMULATION_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+CHANNEL_ARGS = ("bias", "running_mean", "running_var", "bn_weight", "bn_bias")
+
+
+@pytest.fixture(scope="module")
+def cuda_emulation():
+    lib = emulation.build("elementwise_emulation")
+    pointers = [ctypes.c_void_p] * 8
+    lib.fuse_conv_bn.argtypes = [ctypes.c_int, *pointers, ctypes.c_int64, ctypes.c_int64, ctypes.c_double]
+    lib.fuse_conv_bn_one_channel.argtypes = [*pointers, ctypes.c_int64, ctypes.c_int64, ctypes.c_double]
+    return lib
+
+
+def address(t):
+    return t.data_ptr() if t is not None else None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias,affine", [(True, True), (False, False)])
+@pytest.mark.parametrize(
+    "shape,threads", [((67, 5, 3, 3), 64), ((5, 64, 3, 3), 256), ((8, 1, 3, 3), 32), ((3, 16, 1, 1), 32)]
+)  # fmt: skip
+def test_cuda_kernel_in_emulation(cuda_emulation, shape, threads, dtype, bias, affine):
+    """Odd channel counts, a channel spread over several strides of a 256-thread block, depthwise and 1x1."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    t = channel_tensors(shape[0], dtype=reference.accumulate_dtype(dtype), bias=bias, affine=affine)
+    args = [t[name] for name in CHANNEL_ARGS]
+    fused_weight, fused_bias = torch.empty_like(weight), torch.empty(shape[0], dtype=dtype)
+    used = cuda_emulation.fuse_conv_bn(EMULATION_DTYPES[dtype], address(weight), *map(address, args),
+                                       address(fused_weight), address(fused_bias), shape[0], weight[0].numel(),
+                                       1e-5)  # fmt: skip
+    assert used == threads
+    if "cpu" in cpu_backends():  # the CPU kernel runs the same per-channel functions: the same bits
+        with vitops.use_backend("cpu"):
+            want = torch.ops.vitops.fuse_conv_bn(weight, *args, 1e-5)
+        assert torch.equal(fused_weight, want[0]) and torch.equal(fused_bias, want[1])
+    exact = reference.fuse_conv_bn(weight.double(), *(a.double() if a is not None else None for a in args), 1e-5)
+    tol = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(fused_weight.double(), exact[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(fused_bias.double(), exact[1], rtol=tol, atol=tol)
+
+
+def test_cuda_kernel_indexes_in_64_bits(cuda_emulation):
+    """The block of the last output channel a grid can hold, alone, with 200 weights per channel: the weight
+    offset channel * 200 is past 2^38, so it must be 64-bit. Only that channel's elements exist."""
+    channel, per_channel = 2**31 - 2, 200
+    weight = torch.randn(1, per_channel, generator=torch.Generator().manual_seed(3))
+    t = channel_tensors(1)
+    args = [t[name] for name in CHANNEL_ARGS]
+    fused_weight, fused_bias = torch.empty(1, per_channel), torch.empty(1)
+    cuda_emulation.fuse_conv_bn_one_channel(address(weight), *map(address, args), address(fused_weight),
+                                            address(fused_bias), channel, per_channel, 1e-5)  # fmt: skip
+    want = reference.fuse_conv_bn(weight, *args, 1e-5)
+    torch.testing.assert_close(fused_weight, want[0], rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(fused_bias, want[1], rtol=2e-6, atol=1e-6)

@@ -77,19 +77,26 @@ def drop_path_add_backward(
     need_branch_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of drop_path_add for branch and gamma: (grad_branch, grad_gamma), where a gradient that is not
-    asked for is an empty tensor. `branch` is given exactly when gamma's gradient is wanted."""
+    asked for is an empty tensor. `branch` is given exactly when gamma's gradient is wanted. A dropped sample
+    (scale 0) takes no part: its branch gradient is exactly 0 and it adds nothing to gamma's, whatever grad_out,
+    gamma and its branch hold (inf or nan included), as its branch never reaches the output."""
     acc = accumulate_dtype(grad_out.dtype)
     grad = grad_out.to(acc)
+
+    def kept_only(t: Tensor) -> Tensor:
+        return t if sample_scale is None else torch.where(dropped, torch.zeros((), dtype=acc, device=t.device), t)
+
     if sample_scale is not None:
         per_sample = sample_scale.to(acc).view((-1,) + (1,) * (grad.ndim - 1))
-        grad = torch.where(per_sample == 0, torch.zeros((), dtype=acc, device=grad.device), grad * per_sample)
+        dropped = per_sample == 0
+        grad = grad * per_sample
     grad_branch = grad_out.new_empty(0, dtype=branch_dtype)
     if need_branch_grad:
-        grad_branch = (grad if gamma is None else grad * gamma.to(acc)).to(branch_dtype)
+        grad_branch = kept_only(grad if gamma is None else grad * gamma.to(acc)).to(branch_dtype)
     grad_gamma = grad_out.new_empty(0, dtype=acc)
     if branch is not None:
         assert gamma is not None
-        per_channel = grad * branch.to(acc)
+        per_channel = kept_only(grad * branch.to(acc))
         dims = [d for d in range(grad.ndim) if d != grad.ndim - gamma.ndim]
         grad_gamma = per_channel.sum(dims).view(gamma.shape)
     return grad_branch, grad_gamma
@@ -174,7 +181,7 @@ def fuse_conv_bn(
     is 0, a missing bn_weight 1 and a missing bn_bias 0. Computed in float32 (float64 for a float64 weight),
     both results in the weight's dtype. Differentiable in every tensor argument."""
     acc = accumulate_dtype(weight.dtype)
-    inv_std = torch.rsqrt(running_var.to(acc) + eps)
+    inv_std = 1 / torch.sqrt(running_var.to(acc) + eps)  # as the kernels round it: sqrt, then divide
     gamma = bn_weight.to(acc) if bn_weight is not None else None
     scale = inv_std if gamma is None else gamma * inv_std
     fused_weight = weight.to(acc) * scale.view((-1,) + (1,) * (weight.ndim - 1))

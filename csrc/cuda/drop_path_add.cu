@@ -1,19 +1,73 @@
-// drop_path_add backward for CUDA tensors: grad_branch and gamma's gradient in one pass over memory.
+// drop_path_add and its backward for CUDA tensors: the checks and outputs of ../drop_path_add.h, the kernels and
+// launch plans of drop_path_add.cuh, launched on the current stream.
 #include "drop_path_add.cuh"
 
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
 
 namespace vitops {
 namespace cuda {
 namespace {
 
+int64_t resident_threads() {
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  return int64_t(props->multiProcessorCount) * props->maxThreadsPerMultiProcessor;
+}
+
+unsigned grid_size(const LaunchPlan& plan) {
+  const int64_t blocks = blocks_for(plan);
+  // A plan has at most max(target, per_sample / VEC) threads: past 2^31 blocks a sample would be over 2^39 elements.
+  TORCH_INTERNAL_ASSERT(blocks <= std::numeric_limits<int32_t>::max(), "drop_path_add: grid of ", blocks, " blocks");
+  return static_cast<unsigned>(blocks);
+}
+
+template <typename out_t, typename branch_t, int VEC>
+void launch_forward(const ForwardArgs& args, const LaunchPlan& plan) {
+  using acc_t = at::opmath_type<out_t>;
+  drop_path_add_forward_kernel<out_t, branch_t, acc_t, VEC>
+      <<<grid_size(plan), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+          data_or_null<out_t>(args.residual), args.branch.const_data_ptr<branch_t>(),
+          data_or_null<acc_t>(args.gamma), data_or_null<acc_t>(args.sample_scale),
+          args.out.mutable_data_ptr<out_t>(), plan);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor drop_path_add_cuda(
+    const std::optional<at::Tensor>& residual,
+    const at::Tensor& branch,
+    const std::optional<at::Tensor>& gamma,
+    const std::optional<at::Tensor>& sample_scale) {
+  const c10::cuda::CUDAGuard device_guard(branch.device());
+  auto args = prepare_forward(residual, branch, gamma, sample_scale);
+  if (args.layout.numel == 0) {
+    return args.out;
+  }
+  dispatch_pair(args.out.scalar_type(), args.branch.scalar_type(), [&](auto out_v, auto branch_v) {
+    using out_t = decltype(out_v);
+    using branch_t = decltype(branch_v);
+    constexpr int kVec = 16 / sizeof(branch_t);
+    const int vec = pick_vec<branch_t>(
+        args.layout,
+        {{args.residual ? args.residual->const_data_ptr() : nullptr, int(sizeof(out_t))},
+         {args.branch.const_data_ptr(), int(sizeof(branch_t))},
+         {args.out.const_data_ptr(), int(sizeof(out_t))}});
+    const auto plan = make_plan(args.layout, vec, resident_threads());
+    with_vec<kVec>(vec, [&](auto lanes) { launch_forward<out_t, branch_t, decltype(lanes)::value>(args, plan); });
+  });
+  return args.out;
+}
+
 template <typename out_t, typename branch_t, int VEC>
 void launch_backward(const BackwardArgs& args, const LaunchPlan& plan, const at::Tensor& partials) {
   using acc_t = at::opmath_type<out_t>;
-  drop_path_add_backward_kernel<out_t, branch_t, VEC>
-      <<<blocks_for(plan), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+  drop_path_add_backward_kernel<out_t, branch_t, acc_t, VEC>
+      <<<grid_size(plan), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
           args.grad_out.const_data_ptr<out_t>(), data_or_null<branch_t>(args.branch),
           data_or_null<acc_t>(args.gamma), data_or_null<acc_t>(args.sample_scale),
           args.need_branch_grad ? args.grad_branch.mutable_data_ptr<branch_t>() : nullptr,
@@ -56,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> drop_path_add_backward_cuda(
     using out_t = decltype(out_v);
     using branch_t = decltype(branch_v);
     constexpr int kVec = 16 / sizeof(branch_t);
-    const int vec = pick_vec<out_t, branch_t>(
+    const int vec = pick_vec<branch_t>(
         args.layout,
         {{args.grad_out.const_data_ptr(), int(sizeof(out_t))},
          {args.branch ? args.branch->const_data_ptr() : nullptr, int(sizeof(branch_t))},
@@ -65,13 +119,12 @@ std::tuple<at::Tensor, at::Tensor> drop_path_add_backward_cuda(
     const auto plan = make_plan(args.layout, vec, resident_threads() / 2);
     at::Tensor partials;
     if (need_gamma_grad) {
-      partials = at::empty({plan.channel_per_lane ? plan.threads * vec : plan.threads}, grad_out.options().dtype(args.accumulate));
+      const int64_t count = plan.channel_per_lane ? plan.threads * vec : plan.threads;
+      partials = at::empty({count}, grad_out.options().dtype(args.accumulate));
     }
-    if (vec == kVec) {
-      launch_backward<out_t, branch_t, kVec>(args, plan, partials);
-    } else {
-      launch_backward<out_t, branch_t, 1>(args, plan, partials);
-    }
+    with_vec<kVec>(vec, [&](auto lanes) {
+      launch_backward<out_t, branch_t, decltype(lanes)::value>(args, plan, partials);
+    });
     if (need_gamma_grad) {
       grad_gamma = reduce_partials(partials, plan, args.layout, vec).view(gamma->sizes());
     }
@@ -83,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> drop_path_add_backward_cuda(
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
+  m.impl("drop_path_add", &cuda::drop_path_add_cuda);
   m.impl("drop_path_add_backward", &cuda::drop_path_add_backward_cuda);
 }
 
