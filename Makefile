@@ -1,6 +1,10 @@
 # make test   - set up .venv from nothing, build vitops, run the test suite (what CI runs)
-# make bench  - set up the same way, run the benchmark suite on the best device present
+# make bench  - set up the same way, run the benchmark suite on the best device present (about 6 minutes on 2
+#               CPU cores): prints the tables, writes .bench/<device>.json (git-ignored); BENCH_ARGS="--save --plot"
+#               writes benchmarks/results/<device>.json and a PNG chart instead, BENCH_ARGS=--quick a 3-minute run
 # make gpu-check - on a GPU machine with torch already installed: build, test and benchmark on the GPU
+# make gpu-static - no GPU needed: registers, spills, occupancy and tensor-core use of every kernel for sm_80 and
+#                  sm_90 (benchmarks/static.py), written to benchmarks/results/static-sm90.json
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 
@@ -14,12 +18,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 SOURCES := setup.py pyproject.toml vitops/ops/schemas.def $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: test bench gpu-check cpp-test info clean
+.PHONY: test bench gpu-check gpu-static cpp-test info clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy ninja pybind11 pytest timm
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)" numpy ninja pybind11 pytest hypothesis timm build
 	touch $@
 
 # The extension: rebuilt when a source changes.
@@ -44,8 +48,12 @@ cpp-test:
 	cmake --build build-cmake
 	ctest --test-dir build-cmake --output-on-failure
 
+BENCH_ARGS ?=
 bench: $(VENV)/.built
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+gpu-static: $(VENV)/.built
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.static
 
 # On the lent GPU machine: its python3 already has torch, triton, timm and ninja, and it can't reach PyPI. The
 # extension is built in place for the GPU present only (faster), and each step can run on its own, within the
@@ -62,7 +70,7 @@ gpu-build:
 gpu-test:
 	-python3 -m pytest tests -q -ra 2>&1 | tee $(GPU_OUT)/gpu-check-tests.txt | tail -n 40
 gpu-bench:
-	python3 -m benchmarks --out $(GPU_OUT)
+	python3 -m benchmarks --out $(GPU_OUT) $(BENCH_ARGS)
 gpu-check: gpu-build gpu-test gpu-bench
 
 clean:

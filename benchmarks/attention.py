@@ -1,11 +1,17 @@
-"""Attention benchmark: vitops.ops.attention_packed against PyTorch's SDPA backends and torch.compile of timm's
-attention core, at ViT/DeiT shapes (head_dim 64).
+"""Attention: vitops.ops.attention_packed (timm's Attention between its qkv and proj Linears: packed (B, N, 3*H*D)
+in, (B, N, H*D) out) against PyTorch's SDPA backends and torch.compile of timm's attention math, head_dim 64.
 
-`run(device, quick)` returns harness rows {"op", "case", "provider", "mode", "ms", "gbps", "tflops", "pct_sol",
-"speedup_vs_sdpa_flash"}: speed-of-light is the larger of the FLOPs at the peak tensor rate and the minimal bytes
-(qkv, out and lse forward; qkv, out, grad_out and lse in and grad_qkv out backward) at the copy bandwidth.
-On CPU only a tiny forward case runs (vitops' "torch" backend against plain SDPA): the Triton and CUDA kernels
-need a GPU, and the interpreter measures nothing useful.
+GPU (bf16): ViT-S/B/L (6, 12, 16 heads) at 224 px (N=197, B=256) and 384 px (N=577, B=64), fwd and fwd+bwd. Each
+vitops backend is its own provider (the first GPU run decides the default); each SDPA backend is forced with
+torch.nn.attention.sdpa_kernel, and one that can't take these inputs is skipped with its reason. The SDPA
+providers include the layout copies their (B, H, N, D) convention costs, as timm's Attention pays them. (A forced
+vitops backend whose kernel does not take an input hands it to the next backend silently: every case here is
+bf16 with head_dim 64, which the CUDA and Triton kernels both take.)
+CPU (fp32): one small ViT-S case; vitops has no CPU attention kernel, so it runs its PyTorch fallback there.
+
+FLOPs: 4*B*H*N^2*D forward (two matrix products), 2.5x that backward (FlashAttention's count, recomputing S).
+Minimal bytes: forward reads qkv and writes out and the fp32 log-sum-exp; backward reads qkv, out, grad_out and
+the log-sum-exp and writes grad_qkv.
 """
 from __future__ import annotations
 
@@ -13,111 +19,137 @@ import torch
 import torch.nn.functional as F
 
 import vitops
-from benchmarks import harness
+from benchmarks.harness import BASELINE, Case, Context, Provider, Table, measure, vitops_providers
 from vitops.ops import attention_packed
 
-# (name, B, N, H, D): DeiT/ViT-S and ViT-B at 224 px (197 tokens), ViT-B at 384 px (577), ViT-B/32 (50).
-CASES = [
-    ("vit_s N=197 B=256", 256, 197, 6, 64),
-    ("vit_b N=197 B=256", 256, 197, 12, 64),
-    ("vit_b N=577 B=64", 64, 577, 12, 64),
-    ("vit_b/32 N=50 B=1024", 1024, 50, 12, 64),
-]
-QUICK_CASES = CASES[1:2]
+MODES = ("fwd", "fwd+bwd")
+HEAD_DIM = 64
+HEADS = {"ViT-S": 6, "ViT-B": 12, "ViT-L": 16}
+COMPILED = "compile(timm math)"
+SDPA_BACKENDS = ("flash", "efficient", "cudnn")  # SDPA's names for torch.nn.attention.SDPBackend members
 
 
-def _flops(b, n, h, d, mode):
-    fwd = 4.0 * b * h * n * n * d
-    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
-
-
-def _bytes(b, n, h, d, mode, item):
-    x = b * n * h * d * item  # one of q, k, v, out, grad_out
+def _case(model: str, n: int, b: int, dtype: torch.dtype) -> Case:
+    h, d = HEADS[model], HEAD_DIM
+    fwd_flops = 4.0 * b * h * n * n * d
+    x = b * n * h * d * dtype.itemsize  # one of q, k, v, out, grad_out
     lse = b * h * n * 4
-    fwd = 4 * x + lse  # read qkv, write out and lse
-    bwd = 3 * x + 2 * x + lse + 3 * x  # read qkv, out, grad_out, lse; write grad_qkv
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    fwd_bytes = 4 * x + lse
+    bwd_bytes = 3 * x + 2 * x + lse + 3 * x
+    return Case("attention_packed", f"{model} N={n} B={b}", MODES, dtype,
+                flops={"fwd": fwd_flops, "fwd+bwd": 3.5 * fwd_flops},
+                bytes={"fwd": fwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes},
+                spec={"batch": b, "tokens": n, "heads": h, "head_dim": d})  # fmt: skip
 
 
-def _sdpa_core(qkv, h):
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cpu":
+        return [_case("ViT-S", 197, 8, torch.float32)]
+    if quick:
+        return [_case("ViT-B", 197, 256, torch.bfloat16)]
+    return [_case(model, n, b, torch.bfloat16) for n, b in ((197, 256), (577, 64)) for model in HEADS]
+
+
+def _split_heads(qkv: torch.Tensor, h: int):
     b, n, c3 = qkv.shape
-    q, k, v = qkv.reshape(b, n, 3, h, c3 // (3 * h)).permute(2, 0, 3, 1, 4).unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c3 // 3)
+    return qkv.reshape(b, n, 3, h, c3 // (3 * h)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _timm_eager_core(qkv, h):
-    """timm's Attention between qkv and proj with fused_attn off (what torch.compile gets to fuse)."""
-    b, n, c3 = qkv.shape
-    d = c3 // (3 * h)
-    q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * d**-0.5) @ k.transpose(-2, -1)
-    x = attn.softmax(dim=-1) @ v
-    return x.transpose(1, 2).reshape(b, n, c3 // 3)
+def sdpa_core(qkv: torch.Tensor, h: int) -> torch.Tensor:
+    """timm's Attention with fused_attn on, between qkv and proj."""
+    q, k, v = _split_heads(qkv, h)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
-def _providers(device: str):
-    """(name, fn(qkv, h) -> (B, N, H*D)) pairs that can run here."""
-    out = []
-    avail = vitops._backend.availability()["attention_packed"][device]
-    for backend in ("cuda", "triton", "torch"):
-        if avail[backend] is None:
-            def fn(qkv, h, backend=backend):
-                with vitops.use_backend(backend):
-                    return attention_packed(qkv, h)
-
-            out.append((f"vitops {backend}", fn))
-    if device == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        for label, kernel in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:  # fmt: skip
-            def fn(qkv, h, kernel=kernel):
-                with sdpa_kernel(kernel):
-                    return _sdpa_core(qkv, h)
-
-            out.append((f"sdpa {label}", fn))
-        out.append(("torch.compile timm core", torch.compile(_timm_eager_core)))
-    else:
-        out.append(("sdpa", _sdpa_core))
-    return out
+def timm_math_core(qkv: torch.Tensor, h: int) -> torch.Tensor:
+    """timm's Attention with fused_attn off, between qkv and proj: what torch.compile gets to fuse."""
+    q, k, v = _split_heads(qkv, h)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    out = attn.softmax(dim=-1) @ v
+    return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    if device == "cuda" and not torch.cuda.is_available():
-        return []
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cases = [("vit_s N=197 B=2", 2, 197, 6, 64)] if device == "cpu" else (QUICK_CASES if quick else CASES)
-    modes = ("fwd",) if device == "cpu" else ("fwd", "fwd+bwd")
-    rows = []
-    for case, b, n, h, d in cases:
-        qkv = torch.randn(b, n, 3 * h * d, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(b, n, h * d, device=device, dtype=dtype)
-        for provider, fn in _providers(device):
-            for mode in modes:
-                if mode == "fwd":
-                    def step(fn=fn):
-                        with torch.no_grad():
-                            return fn(qkv, h)
-                else:
-                    def step(fn=fn):
-                        return torch.autograd.grad(fn(qkv, h), qkv, grad)
-                try:
-                    ms = harness.measure_ms(step, device, quick)
-                except Exception as error:  # e.g. an SDPA backend that does not take these inputs
-                    rows.append({"op": "attention", "case": case, "provider": provider, "mode": mode,
-                                 "error": str(error).splitlines()[0][:160]})  # fmt: skip
-                    continue
-                rows.append(harness.row(
-                    op="attention", case=case, provider=provider, mode=mode, ms=ms, device=device, quick=quick,
-                    bytes_moved=_bytes(b, n, h, d, mode, qkv.element_size()), flops=_flops(b, n, h, d, mode),
-                ))  # fmt: skip
-    harness.add_speedups(rows, "sdpa flash" if device == "cuda" else "sdpa")
-    return rows
+def _vitops_call(backend: str):
+    def call(qkv, h):
+        with vitops.use_backend(backend):
+            return attention_packed(qkv, h)
+
+    return call
 
 
-if __name__ == "__main__":
-    import json
-    import sys
+def _sdpa_call(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    dev = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
-    print(json.dumps(run(dev, quick=True), indent=1))
+    kernel = getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                                  "cudnn": "CUDNN_ATTENTION"}[backend])  # fmt: skip
+
+    def call(qkv, h):
+        with sdpa_kernel(kernel):
+            return sdpa_core(qkv, h)
+
+    return call
+
+
+def _providers(device: str) -> tuple[str, list[Provider], dict[str, object]]:
+    """(baseline, providers, name -> fn(qkv, heads)); torch.compile's entry is compiled afresh per case."""
+    vitops_backends = vitops_providers("attention_packed", device, "vitops.ops.attention_packed")
+    providers = [p for _, p in vitops_backends]
+    fns = {p.name: _vitops_call(backend) for backend, p in vitops_backends}
+    if device == "cpu":
+        providers.append(Provider("sdpa", BASELINE, "timm's Attention with fused_attn: F.scaled_dot_product_attention "
+                                  "(torch picks the CPU kernel), with its layout copies"))  # fmt: skip
+        fns["sdpa"] = sdpa_core
+        providers.append(Provider("timm math", BASELINE, "timm's Attention with fused_attn off, eager"))
+        fns["timm math"] = timm_math_core
+        return "sdpa", providers, fns
+    for backend in SDPA_BACKENDS:
+        name = f"sdpa {backend}"
+        providers.append(Provider(name, BASELINE, f"F.scaled_dot_product_attention forced to its {backend} "
+                                  "backend (sdpa_kernel), with the layout copies timm's Attention pays"))  # fmt: skip
+        fns[name] = _sdpa_call(backend)
+    providers.append(Provider(COMPILED, BASELINE, "torch.compile of timm's Attention math (fused_attn off), static "
+                              "shapes"))  # fmt: skip
+    fns[COMPILED] = None
+    return "sdpa flash", providers, fns
+
+
+def run(ctx: Context) -> list[Table]:
+    baseline, providers, fns = _providers(ctx.device)
+    table = Table("attention_packed", baseline, "fwd+bwd", providers,
+                  about=f"softmax(q k^T / sqrt(D)) v from packed qkv, head_dim {HEAD_DIM}")  # fmt: skip
+    for case in cases(ctx.device, ctx.quick):
+        _time_case(ctx, table, case, fns)
+    return [table.finish()]
+
+
+def _time_case(ctx: Context, table: Table, case: Case, fns: dict) -> None:
+    s = case.spec
+    heads = s["heads"]
+    qkv = torch.randn(s["batch"], s["tokens"], 3 * heads * s["head_dim"], device=ctx.device, dtype=case.dtype,
+                      requires_grad=True)  # fmt: skip
+    grad = torch.randn(s["batch"], s["tokens"], heads * s["head_dim"], device=ctx.device, dtype=case.dtype)
+    torch._dynamo.reset()  # compile afresh for this case's static shapes
+    runnable = {}
+    for name, fn in fns.items():
+        if name == COMPILED:
+            fn = torch.compile(timm_math_core, dynamic=False)
+        try:  # also compiles and autotunes outside the timing
+            torch.autograd.grad(fn(qkv, heads), qkv, grad)
+        except Exception as error:  # noqa: BLE001  (an SDPA backend or kernel that can't take these inputs is skipped)
+            table.skip(name, str(error).strip().splitlines()[0][:200], case.name)
+            continue
+        runnable[name] = fn
+    for mode in MODES:
+        ctx.step("attention", f"{case.name}, {mode}")
+        if mode == "fwd":
+            calls = {name: (lambda fn=fn: _no_grad(fn, qkv, heads)) for name, fn in runnable.items()}
+        else:
+            calls = {name: (lambda fn=fn: torch.autograd.grad(fn(qkv, heads), qkv, grad))
+                     for name, fn in runnable.items()}  # fmt: skip
+        table.add(ctx, case, mode, measure(calls, ctx.device, ctx.quick))
+
+
+def _no_grad(fn, qkv, heads):
+    with torch.no_grad():
+        return fn(qkv, heads)

@@ -1,22 +1,22 @@
-"""Per-step time of vitops' fused LAMB and AdamP against timm's and torch's AdamW (foreach and fused), on the
-param sets of ViT-S/16, ViT-B/16 and ResNet-50 (params only: a step does not depend on the model).
+"""One optimizer step of vitops' fused LAMB and AdamP against timm's, on the parameter sets of ViT-S/16, ViT-B/16
+and ResNet-50 (float32 parameters and gradients only: a step does not depend on the model), with torch's fused
+AdamW as a yardstick (a simpler update: what a fused LAMB can hope to approach).
 
-GB/s counts the minimal bytes a step must move per float32 param, not what each implementation moves:
-LAMB 44 (grad-norm pass 4; moments pass reads p, g, m, v and writes m, v: 24; apply pass reads p, m, v and writes
-p: 16), AdamP 40 (24 + 16: the projection needs the whole tensor's sums before the update), AdamW 28.
-pct_sol relates that to the copy bandwidth measured in the same run (benchmarks.harness).
-
-    python -m benchmarks --only optim [--quick]      (or: python -m benchmarks.optim [--device cpu|cuda] [--quick])
+Minimal bytes per float32 parameter (no FLOPs worth counting): LAMB 44 (the gradient-norm pass reads g: 4; the
+moments pass reads p, g, m, v and writes m, v: 24; the apply pass reads p, m, v and writes p: 16); AdamP 40
+(24 + 16: its projection needs whole-tensor sums before the update); AdamW 28.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.harness import add_speedups, format_table, measure_ms_interleaved, row
+import vitops
+from benchmarks.harness import BASELINE, YARDSTICK, Case, Context, Provider, Table, measure, vitops_providers
 
-MIN_BYTES_PER_PARAM = {"lamb_step": 44, "adamp_step": 40, "adamw_step": 28}
+MIN_BYTES_PER_PARAM = {"lamb_step": 44, "adamp_step": 40}
+LAMB = {"weight_decay": 0.05}
+ADAMP = {"weight_decay": 0.05, "wd_ratio": 0.01, "nesterov": True}
+ADAMW = "torch fused AdamW"
 
 
 def vit_shapes(dim: int, depth: int, patch: int = 16, tokens: int = 197, classes: int = 1000) -> list[tuple]:
@@ -41,11 +41,23 @@ def resnet50_shapes() -> list[tuple]:
     return shapes + [(1000, 2048), (1000,)]
 
 
-CASES = {
-    "vit_small params": lambda: vit_shapes(384, 12),
-    "vit_base params": lambda: vit_shapes(768, 12),
-    "resnet50 params": resnet50_shapes,
+PARAM_SETS = {
+    "ViT-S/16 params": vit_shapes(384, 12),
+    "ViT-B/16 params": vit_shapes(768, 12),
+    "ResNet-50 params": resnet50_shapes(),
 }
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    names = ["ViT-S/16 params"] if quick else list(PARAM_SETS)
+    out = []
+    for op, bytes_per_param in MIN_BYTES_PER_PARAM.items():
+        for name in names:
+            shapes = PARAM_SETS[name]
+            numel = sum(torch.Size(s).numel() for s in shapes)
+            out.append(Case(op, f"{name} ({numel / 1e6:.1f}M)", ("step",), torch.float32, flops={"step": 0.0},
+                            bytes={"step": bytes_per_param * numel}, spec={"shapes": shapes}))  # fmt: skip
+    return out
 
 
 def _params(shapes, device):
@@ -59,84 +71,53 @@ def _params(shapes, device):
 
 
 class _Forced:
-    """Runs an optimizer's step on one backend (the compiled CUDA kernels are not the default on GPUs yet)."""
+    """An optimizer whose step runs on one vitops backend."""
 
     def __init__(self, optimizer, backend: str):
         self.optimizer, self.backend = optimizer, backend
 
     def step(self):
-        import vitops
-
         with vitops.use_backend(self.backend):
             return self.optimizer.step()
 
 
-def _providers(device: str):
-    """(op, provider, optimizer factory) for every implementation available here."""
-    import vitops  # noqa: F401
-    from vitops import _backend
-    from vitops.optim import AdamP, Lamb
+def _factories(op: str, device: str) -> tuple[str, list[Provider], dict]:
+    """(baseline, providers, provider name -> params -> optimizer) for one op."""
+    import timm.optim
 
-    out = []
-    for op, cls, kwargs in (("lamb_step", Lamb, dict(weight_decay=0.05)),
-                            ("adamp_step", AdamP, dict(weight_decay=0.05, wd_ratio=0.01, nesterov=True))):  # fmt: skip
-        backend = _backend.default_backend(op, device)
-        out.append((op, f"vitops {backend}", lambda p, cls=cls, kw=kwargs: cls(p, **kw)))
-        if device == "cuda" and backend != "cuda" and _backend.availability()[op]["cuda"]["cuda"] is None:
-            out.append((op, "vitops cuda (forced)", lambda p, cls=cls, kw=kwargs: _Forced(cls(p, **kw), "cuda")))
-    try:
-        import timm.optim as timm_optim
-
-        out.append(("lamb_step", "timm Lamb", lambda p: timm_optim.Lamb(p, weight_decay=0.05, foreach=False)))
-        out.append(("lamb_step", "timm Lamb foreach", lambda p: timm_optim.Lamb(p, weight_decay=0.05, foreach=True)))
-        out.append(("adamp_step", "timm AdamP",
-                    lambda p: timm_optim.AdamP(p, weight_decay=0.05, wd_ratio=0.01, nesterov=True)))  # fmt: skip
-    except ImportError:
-        pass
-    out.append(("adamw_step", "torch AdamW foreach", lambda p: torch.optim.AdamW(p, weight_decay=0.05, foreach=True)))
-    out.append(("adamw_step", "torch AdamW fused", lambda p: torch.optim.AdamW(p, weight_decay=0.05, fused=True)))
-    return out
-
-
-def run(device: str, quick: bool) -> list[dict]:
-    """One row per (param set, implementation): median step time, GB/s of the minimal bytes, % of copy
-    bandwidth, and the speedup over torch's fused AdamW."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return []
-    cases = ["vit_small params"] if quick else list(CASES)
-    rows = []
-    for case in cases:
-        params = _params(CASES[case](), device)
-        numel = sum(p.numel() for p in params)
-        providers = _providers(device)
-        # All step the same params in turns (the values drift a little; the time per step does not).
-        optimizers = {f"{op} {provider}": factory(params) for op, provider, factory in providers}
-        times = measure_ms_interleaved({name: opt.step for name, opt in optimizers.items()}, device, quick)
-        case_rows = [
-            row(op=op, case=case, provider=provider, mode="step", ms=times[f"{op} {provider}"], device=device,
-                quick=quick, bytes_moved=MIN_BYTES_PER_PARAM[op] * numel, params=numel)
-            for op, provider, _ in providers
-        ]
-        del optimizers
-        # every optimizer against the fastest baseline step, AdamW fused
-        fused = next(r["ms"] for r in case_rows if r["provider"] == "torch AdamW fused")
-        for r in case_rows:
-            r["x_adamw_fused_time"] = round(r["ms"] / fused, 2)
-        rows += case_rows
-    add_speedups(rows, "timm Lamb")
-    add_speedups(rows, "timm Lamb foreach")
-    add_speedups(rows, "timm AdamP")
-    return rows
+    cls, kwargs, timm_cls = {"lamb_step": (vitops.optim.Lamb, LAMB, "Lamb"),
+                             "adamp_step": (vitops.optim.AdamP, ADAMP, "AdamP")}[op]  # fmt: skip
+    stages = {"lamb_step": "lamb_moments", "adamp_step": "adamp_moments"}  # the ops whose backends the step uses
+    vitops_backends = vitops_providers(stages[op], device, f"vitops.optim.{timm_cls}.step")
+    providers = [p for _, p in vitops_backends]
+    make = {p.name: (lambda ps, b=backend: _Forced(cls(ps, **kwargs), b)) for backend, p in vitops_backends}
+    baseline = f"timm {timm_cls}"
+    if op == "lamb_step":
+        providers.append(Provider(baseline, BASELINE, "timm.optim.Lamb as constructed by default (foreach: "
+                                  "torch._foreach_* multi-tensor ops)"))  # fmt: skip
+        make[baseline] = lambda ps: timm.optim.Lamb(ps, **kwargs)
+        providers.append(Provider("timm Lamb per-tensor", BASELINE, "timm.optim.Lamb(foreach=False)"))
+        make["timm Lamb per-tensor"] = lambda ps: timm.optim.Lamb(ps, **kwargs, foreach=False)
+    else:  # timm's AdamP has no foreach form
+        providers.append(Provider(baseline, BASELINE, "timm.optim.AdamP, one tensor at a time"))
+        make[baseline] = lambda ps: timm.optim.AdamP(ps, **kwargs)
+    providers.append(Provider(ADAMW, YARDSTICK, "torch.optim.AdamW(fused=True): a simpler update (no trust ratio or "
+                              "projection), the fastest step torch has"))  # fmt: skip
+    make[ADAMW] = lambda ps: torch.optim.AdamW(ps, weight_decay=0.05, fused=True)
+    return baseline, providers, make
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(f"device {args.device}, {torch.get_num_threads()} CPU threads")
-    print(format_table(run(args.device, args.quick)))
-
-
-if __name__ == "__main__":
-    main()
+def run(ctx: Context) -> list[Table]:
+    tables = []
+    for op in MIN_BYTES_PER_PARAM:
+        baseline, providers, make = _factories(op, ctx.device)
+        table = Table(op, baseline, "step", providers, about="one optimizer step, float32 params")
+        for case in (c for c in cases(ctx.device, ctx.quick) if c.op == op):
+            ctx.step("optim", f"{op}, {case.name}")
+            params = _params(case.spec["shapes"], ctx.device)
+            # All step the same params in turns (the values drift a little; the time per step does not).
+            optimizers = {name: factory(params) for name, factory in make.items()}
+            table.add(ctx, case, "step", measure({n: o.step for n, o in optimizers.items()}, ctx.device, ctx.quick))
+            del optimizers, params
+        tables.append(table.finish())
+    return tables

@@ -1,23 +1,62 @@
-"""Structural re-parameterization: inference time of the zoo's ResNet-50, RepVGG-A0 and RepVGG-B0 before and
-after vitops.reparameterize (the issue's targets: ResNet-50 >= 1.15x once its BatchNorms are folded, RepVGG's
-deploy form >= 1.8x its train-time form), the time of the whole-model transform, and vitops.ops.fuse_conv_bn on
-each available backend against torch.nn.utils.fusion.fuse_conv_bn_weights.
+"""Structural re-parameterization: inference of the zoo's ResNet-50, RepVGG-A0 and RepVGG-B0 before and after
+vitops.reparameterize (the targets: ResNet-50 >= 1.15x once its BatchNorms are folded, RepVGG's deploy form
+>= 1.8x its train-time form), and vitops.ops.fuse_conv_bn against torch.nn.utils.fusion.fuse_conv_bn_weights.
 
-Batch 64 at 224 px (quick: batch 4 at 96 px); CPU in float32, GPU in bfloat16 and channels_last (weights are
-folded in float32, then cast). BatchNorm statistics and affines are random, so nothing folds to a trivial
-identity. TFLOP/s counts the FLOPs of each form (vitops.ReparamReport).
+CPU: float32, batch 16 at 224 px (quick: batch 4); GPU: bfloat16 channels_last, batch 64 (weights folded in
+float32, then cast). BatchNorm statistics and affines are random, so nothing folds to a trivial identity.
+FLOPs: matrix/convolution FLOPs of the re-parameterized form (the least a forward needs), counted on the meta
+device. Minimal bytes: the images and the re-parameterized weights, read once; fuse_conv_bn reads the weight and
+writes the fused one.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import vitops
-from benchmarks.harness import add_speedups, measure_ms, measure_ms_interleaved, row
-from vitops import _backend
+from benchmarks.harness import BASELINE, VITOPS, Case, Context, Provider, Table, measure, model_flops, vitops_providers
 
 MODELS = ("resnet50", "repvgg_a0", "repvgg_b0")
+TRAIN_FORM = "train-time form"
+FOLDED = "reparameterized"
+TORCH_FUSION = "torch fuse_conv_bn_weights"
+
+
+def _deploy_form(name: str) -> nn.Module:
+    """The re-parameterized architecture, built directly (for counting on the meta device): RepVGG's
+    inference_mode; ResNet-50's folded convs have the convs' own FLOPs (a BatchNorm has no matrix FLOPs)."""
+    return vitops.create_model(name, inference_mode=True) if name.startswith("repvgg") else vitops.create_model(name)
+
+
+@functools.cache
+def _flops_and_params(name: str, batch: int, size: int) -> tuple[float, int]:
+    with torch.device("meta"):
+        params = sum(p.numel() for p in _deploy_form(name).parameters())
+    return model_flops(lambda: _deploy_form(name), (batch, 3, size, size), train=False), params
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device == "cuda":
+        batch, dtype = (32 if quick else 64), torch.bfloat16
+    else:
+        batch, dtype = (4 if quick else 16), torch.float32
+    size = 224
+    out = []
+    for name in MODELS[:2] if quick else MODELS:
+        flops, params = _flops_and_params(name, batch, size)
+        weights_and_images = (params + batch * 3 * size * size) * dtype.itemsize
+        out.append(Case("reparameterized inference", f"{name} B={batch} {size}px", ("eval",), dtype,
+                        flops={"eval": flops}, bytes={"eval": weights_and_images},
+                        spec={"model": name, "batch": batch, "size": size}))  # fmt: skip
+    shapes = [(256, 256, 3, 3)] if quick else [(256, 256, 3, 3), (1024, 512, 1, 1), (512, 1, 7, 7)]
+    for shape in shapes:
+        out.append(Case("fuse_conv_bn", "x".join(map(str, shape)), ("fold",), torch.float32, flops={"fold": 0.0},
+                        bytes={"fold": 2 * math.prod(shape) * 4}, spec={"shape": shape}))  # fmt: skip
+    return out
 
 
 def _randomize_bn(model: nn.Module) -> nn.Module:
@@ -37,70 +76,62 @@ def _for_device(model: nn.Module, device: str) -> nn.Module:
     return model
 
 
-def _model_rows(device: str, quick: bool) -> list[dict]:
-    rows = []
-    batch, size = (4, 96) if quick else (64, 224)
-    dtype = "bf16 channels_last" if device == "cuda" else "fp32"
-    for name in MODELS:
-        torch.manual_seed(0)
-        model = _randomize_bn(vitops.create_model(name)).eval()
-        probe = torch.randn(1, 3, size, size)
-        transform_ms = measure_ms(lambda: vitops.reparameterize(model), "cpu", quick=True)
-        folded, report = vitops.reparameterize(model, example_input=probe)
-        x = torch.randn(batch, 3, size, size)
-        if device == "cuda":
-            x = x.to(device=device, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        case = f"{name} B={batch} {size}px {dtype}"
-        forms = {"train-time form": (model, report.flops_before), "reparameterized": (folded, report.flops_after)}
-        nets = {provider: _for_device(net, device) for provider, (net, _) in forms.items()}
-        with torch.no_grad():
-            times = measure_ms_interleaved({p: (lambda net=net: net(x)) for p, net in nets.items()}, device, quick)
-        for provider, ms in times.items():
-            rows.append(row(op="inference", case=case, provider=provider, mode="eval", ms=ms, device=device,
-                            quick=quick, flops=forms[provider][1] * batch,
-                            images_per_s=round(batch / (ms * 1e-3), 1)))  # fmt: skip
-        rows.append(row(op="reparameterize", case=f"{name} (whole model, CPU, fp32)", provider="vitops",
-                        mode="transform", ms=transform_ms, device="cpu", quick=quick,
-                        conv_bn_pairs=report.conv_bn_pairs, blocks=sum(report.blocks.values()),
-                        params=f"{report.params_before}->{report.params_after}"))  # fmt: skip
-    add_speedups(rows, "train-time form")
-    return rows
+def _model_table(ctx: Context) -> Table:
+    table = Table("reparameterized inference", TRAIN_FORM, "eval", [
+        Provider(FOLDED, VITOPS, "vitops.reparameterize(model): RepVGG blocks become one 3x3 conv, BatchNorms folded"),
+        Provider(TRAIN_FORM, BASELINE, "the same model as trained: multi-branch blocks, separate BatchNorms"),
+    ], about="model(x) in eval mode under no_grad; BatchNorm statistics random")  # fmt: skip
+    for case in cases(ctx.device, ctx.quick):
+        if case.op == table.op:
+            _time_model(ctx, table, case)
+    return table.finish()
 
 
-def _fusion_rows(device: str, quick: bool) -> list[dict]:
-    rows = []
-    shapes = [(256, 256, 3, 3)] if quick else [(256, 256, 3, 3), (1024, 512, 1, 1), (512, 1, 7, 7)]
-    for shape in shapes:
-        c = shape[0]
-        w = torch.randn(shape, device=device)
-        mean, var = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
-        gamma, beta, bias = torch.randn(c, device=device), torch.randn(c, device=device), torch.randn(c, device=device)
-        case = "x".join(map(str, shape))
-        # read w, write the fused weight; the per-channel vectors are negligible
-        bytes_moved = 2 * w.numel() * w.element_size()
-        with torch.no_grad():
-            ms = measure_ms(lambda: fuse_conv_bn_weights(w, bias, mean, var, 1e-5, gamma, beta), device, quick)
-            rows.append(row(op="fuse_conv_bn", case=case, provider="torch.nn.utils.fusion", mode="fold", ms=ms,
-                            device=device, quick=quick, bytes_moved=bytes_moved))  # fmt: skip
-            for backend in _backend.BACKENDS:
-                if _backend.availability()["fuse_conv_bn"][device][backend] is not None:
-                    continue
-                with vitops.use_backend(backend):
-                    ms = measure_ms(
-                        lambda: vitops.ops.fuse_conv_bn(w, bias, mean, var, gamma, beta, 1e-5), device, quick
-                    )
-                rows.append(row(op="fuse_conv_bn", case=case, provider=f"vitops-{backend}", mode="fold", ms=ms,
-                                device=device, quick=quick, bytes_moved=bytes_moved))  # fmt: skip
-    add_speedups(rows, "torch.nn.utils.fusion")
-    return rows
+def _time_model(ctx: Context, table: Table, case: Case) -> None:
+    s = case.spec
+    torch.manual_seed(0)
+    model = _randomize_bn(vitops.create_model(s["model"])).eval()
+    transform = measure({"t": lambda: vitops.reparameterize(model)}, "cpu", quick=True)["t"]
+    folded, report = vitops.reparameterize(model)
+    table.notes.append(f"vitops.reparameterize({s['model']}) takes {transform.median:.0f} ms on the CPU "
+                       f"({report.conv_bn_pairs} conv-BN pairs, {sum(report.blocks.values())} blocks)")  # fmt: skip
+    x = torch.randn(s["batch"], 3, s["size"], s["size"])
+    if ctx.device == "cuda":
+        x = x.to(device=ctx.device, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    nets = {TRAIN_FORM: _for_device(model, ctx.device), FOLDED: _for_device(folded, ctx.device)}
+    ctx.step("reparameterize", case.name)
+    with torch.no_grad():
+        table.add(ctx, case, "eval", measure({p: (lambda net=net: net(x)) for p, net in nets.items()},
+                                             ctx.device, ctx.quick))  # fmt: skip
 
 
-def run(device: str, quick: bool) -> list[dict]:
-    """Rows for `device` ("cpu" or "cuda"); `quick` uses smaller inputs and fewer repetitions."""
-    return _model_rows(device, quick) + _fusion_rows(device, quick)
+def _fusion_table(ctx: Context) -> Table:
+    vitops_backends = vitops_providers("fuse_conv_bn", ctx.device, "vitops.ops.fuse_conv_bn", reference=True)
+    table = Table("fuse_conv_bn", TORCH_FUSION, "fold", [p for _, p in vitops_backends] + [
+        Provider(TORCH_FUSION, BASELINE, "torch.nn.utils.fusion.fuse_conv_bn_weights"),
+    ], about="fold a BatchNorm into the conv weight and bias before it")  # fmt: skip
+    for case in cases(ctx.device, ctx.quick):
+        if case.op == table.op:
+            _time_fusion(ctx, table, case, vitops_backends)
+    return table.finish()
 
 
-if __name__ == "__main__":
-    from benchmarks.harness import format_table
+def _time_fusion(ctx: Context, table: Table, case: Case, vitops_backends: list[tuple[str, Provider]]) -> None:
+    c = case.spec["shape"][0]
+    w = torch.randn(case.spec["shape"], device=ctx.device)
+    mean, var = torch.randn(c, device=ctx.device), torch.rand(c, device=ctx.device) + 0.5
+    gamma, beta, bias = (torch.randn(c, device=ctx.device) for _ in range(3))
 
-    print(format_table(run("cuda" if torch.cuda.is_available() else "cpu", quick=True)))
+    def fused(backend):
+        with vitops.use_backend(backend):
+            return vitops.ops.fuse_conv_bn(w, bias, mean, var, gamma, beta, 1e-5)
+
+    fns = {p.name: (lambda b=backend: fused(b)) for backend, p in vitops_backends}
+    fns[TORCH_FUSION] = lambda: fuse_conv_bn_weights(w, bias, mean, var, 1e-5, gamma, beta)
+    ctx.step("reparameterize", f"fuse_conv_bn {case.name}")
+    with torch.no_grad():
+        table.add(ctx, case, "fold", measure(fns, ctx.device, ctx.quick))
+
+
+def run(ctx: Context) -> list[Table]:
+    return [_model_table(ctx), _fusion_table(ctx)]
