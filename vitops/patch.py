@@ -64,6 +64,9 @@ def patch_model(model: nn.Module, *, attention: bool = True, drop_path: bool = T
     Only modules whose class is exactly timm's are replaced; subclasses and other attention variants (their
     forward may differ) are listed in the report's `skipped` with the reason. Returns a PatchReport; its
     `revert()` puts the original modules back. A model without timm modules is returned untouched.
+
+    A patched model still runs under torch.jit.script (the new layers call vitops' ops), torch.export and
+    torch.compile; a program that loads the scripted or exported model must `import vitops` first.
     """
     report = PatchReport(_model=model)
     timm_attention, timm_drop_path = _timm_classes()
@@ -88,6 +91,7 @@ def patch_model(model: nn.Module, *, attention: bool = True, drop_path: bool = T
                 report.skipped.append((name, type(module).__name__, "a subclass of timm DropPath"))
                 continue
             new = DropPath(module.drop_prob, module.scale_by_keep)
+            new.fused = True  # the point of patching, whatever the layer config says (as Attention.from_timm)
             new.train(module.training)
         elif attention and type(module).__name__.startswith("Attention") and "timm" in type(module).__module__:
             report.skipped.append((name, type(module).__name__, "not timm's plain Attention"))

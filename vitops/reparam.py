@@ -7,15 +7,20 @@ Two passes over the model:
      BatchNorm is replaced by nn.Identity (timm's BatchNormAct2d by its dropout and activation).
 
 A pair is only folded where the BatchNorm is known to read the conv's output and nothing else reads it. That is
-established from a torch.fx trace of the model (conv and BatchNorm modules kept as leaves): a conv qualifies when
-each of its calls feeds exactly one user, a call of the same BatchNorm, and that BatchNorm reads nothing else.
-When the model can't be traced, only adjacent (conv, BatchNorm) children of plain nn.Sequential containers are
-folded, which is always safe, and the report says why.
+established from a torch.fx trace of the model, made as timm makes its own: convs, BatchNorms and the modules timm
+registers as untraceable (timm.layers.register_notrace_module) are leaves, and timm's registered functions
+(register_notrace_function) are wrapped. A conv qualifies when each of its calls feeds exactly one user, a call of
+the same BatchNorm, and that BatchNorm reads nothing else. Leaf modules that hold convs and BatchNorms are traced
+on their own, in turn, when their forward takes a single input (an option could send a caller down another path
+than the trace's). A module that can't be traced is searched child by child the same way, and its own direct
+(conv, BatchNorm) children are folded only when it is a plain nn.Sequential, which is always safe; the report
+names such modules.
 """
 from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +41,8 @@ class ReparamReport:
         blocks: class name -> how many modules of that class re-parameterized themselves (pass 1); blocks that
             already were in their inference form are not counted.
         conv_bn_pairs: Conv -> BatchNorm pairs folded by the model walk (pass 2).
-        pair_search: how pass 2 found the pairs: "fx", or "sequential (...why fx failed...)".
+        pair_search: how pass 2 found the pairs: "fx" when the whole model traced, else which modules could not
+            be traced (and were searched child by child, with the Sequential rule for their own children).
         convs_before, convs_after: conv modules in the model.
         bns_before, bns_after: BatchNorm modules in the model.
         params_before, params_after: parameter counts.
@@ -115,12 +121,6 @@ def _count(model: nn.Module) -> tuple[int, int, int]:
     return convs, bns, sum(p.numel() for p in model.parameters())
 
 
-def count_flops(model: nn.Module, example_input) -> int:
-    """FLOPs of `model(example_input)` counted in its convs (2 per multiply-add, 1 per bias add), linears
-    (likewise) and BatchNorms (2 per element). Other ops (activations, adds, pooling) are not counted."""
-    return _run_counting(model, example_input)[0]
-
-
 def _tensors(output) -> list[torch.Tensor]:
     leaves = torch.utils._pytree.tree_leaves(output)
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -190,14 +190,26 @@ def _reparameterize_blocks(module: nn.Module, counts: dict[str, int]) -> None:
         _reparameterize_blocks(child, counts)
 
 
+def _timm_fx_lists() -> tuple[set, tuple]:
+    """The module types and functions timm registers as untraceable (empty when timm is not imported: then no
+    timm module can be in the model)."""
+    for name in ("timm.layers", "timm.models"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "get_notrace_modules"):
+            return set(module.get_notrace_modules()), tuple(module.get_notrace_functions())
+    return set(), ()
+
+
 class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_types: set, functions: tuple):
+        super().__init__(autowrap_functions=functions, param_shapes_constant=True)
+        self.leaf_types = leaf_types
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _is_foldable_conv(m) or _is_bn(m) or super().is_leaf_module(m, qualname)
+        return _is_foldable_conv(m) or _is_bn(m) or type(m) in self.leaf_types or super().is_leaf_module(m, qualname)
 
 
-def _pairs_from_fx(model: nn.Module) -> list[tuple[str, str]]:
-    graph = _LeafTracer().trace(model)
-    modules = dict(model.named_modules())
+def _pairs_in_graph(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
     calls: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -226,16 +238,46 @@ def _pairs_from_fx(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
-    pairs = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Sequential:
-            continue
-        children = list(module.named_children())
-        for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if _is_foldable_conv(a) and _is_bn(b):
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + a_name, prefix + b_name))
+def _sequential_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """Adjacent (conv, BatchNorm) children of a plain nn.Sequential: the conv's output goes to the BatchNorm only."""
+    if type(module) is not nn.Sequential:
+        return []
+    children = list(module.named_children())
+    return [(a, b) for (a, conv), (b, bn) in zip(children, children[1:]) if _is_foldable_conv(conv) and _is_bn(bn)]
+
+
+def _takes_one_input(module: nn.Module) -> bool:
+    """Whether module.forward takes a single argument: then a trace of the module on its own follows the path its
+    caller takes (a forward with options might be called with other values than the trace's defaults)."""
+    try:
+        return len(inspect.signature(module.forward).parameters) == 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _find_pairs(module: nn.Module, tracer_args: tuple, untraced: list[str], prefix: str = "") -> list[tuple[str, str]]:
+    """The foldable (conv, BatchNorm) pairs inside `module`, with qualified names; the modules that could not be
+    traced are appended to `untraced` as (name: why)."""
+    modules = dict(module.named_modules())
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers without a forward of their own
+        pairs, inner = [], list(module.named_children())
+    elif prefix and not _takes_one_input(module):
+        untraced.append(f"{prefix.rstrip('.')}: its forward takes options")
+        pairs, inner = [], list(module.named_children())
+    else:
+        try:
+            graph = _LeafTracer(*tracer_args).trace(module)
+        except Exception as error:  # data-dependent control flow and the like: search the children one by one
+            untraced.append(f"{prefix.rstrip('.') or type(module).__name__}: {type(error).__name__}")
+            pairs, inner = _sequential_pairs(module), list(module.named_children())
+        else:
+            pairs = _pairs_in_graph(graph, modules)
+            # leaves of the trace (timm's untraceable modules, mostly) are searched on their own
+            inner = [(name, modules[name]) for name in sorted({n.target for n in graph.nodes if n.op == "call_module"})]
+    pairs = [(prefix + conv, prefix + bn) for conv, bn in pairs]
+    inner = [(name, child) for name, child in inner if not _is_bn(child) and any(_is_bn(m) for m in child.modules())]
+    for name, child in inner:
+        pairs += _find_pairs(child, tracer_args, untraced, f"{prefix}{name}.")
     return pairs
 
 
@@ -299,11 +341,10 @@ def reparameterize(
 
     _reparameterize_blocks(model, report.blocks)
 
-    try:
-        pairs = _pairs_from_fx(model)
-    except Exception as error:  # untraceable models: fall back to the always-safe Sequential rule
-        pairs = _pairs_from_sequentials(model)
-        report.pair_search = f"sequential (torch.fx could not trace the model: {type(error).__name__})"
+    untraced: list[str] = []
+    pairs = _find_pairs(model, _timm_fx_lists(), untraced)
+    if untraced:
+        report.pair_search = f"fx, except inside modules it could not trace ({'; '.join(untraced)})"
     report.conv_bn_pairs = sum(_fold_pair(model, conv_name, bn_name) for conv_name, bn_name in pairs)
     model.eval()  # it was all in eval mode; modules the blocks created may not be
     report.convs_after, report.bns_after, report.params_after = _count(model)

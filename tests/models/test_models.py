@@ -1,11 +1,15 @@
 """Model zoo: registry, timm parity (state_dict names and outputs), model API, pretrained loading, features,
 RepVGG re-parameterization, losses, export / compile. Small inputs and reduced depths keep it quick on 2 cores."""
+import argparse
+import fractions
 import importlib.util
 import os
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import perturb_
 
 import vitops
 from vitops.loss import DistillationLoss, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -38,11 +42,6 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 # --- registry ------------------------------------------------------------------------------------------------
 
 
@@ -59,7 +58,7 @@ def test_list_models_filters():
         "deit_base_distilled_patch16_224", "deit_base_distilled_patch16_384", "deit_small_distilled_patch16_224",
         "deit_tiny_distilled_patch16_224", "vit_large_patch16_224"]
     pretrained = vitops.list_models("resnet50*", pretrained=True)
-    assert pretrained == ["resnet50.a1_in1k", "resnet50d.a1_in1k"]
+    assert pretrained == ["resnet50.a1_in1k", "resnet50d.ra2_in1k"]
     assert vitops.list_models("nothing*") == []
 
 
@@ -90,22 +89,6 @@ def test_none_kwargs_are_ignored():
     assert model.num_classes == 1000 and model.fc.in_features == 512
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_constructs_on_meta_with_timm_parameter_count(name):
-    with torch.device("meta"):
-        model = vitops.create_model(name)
-        reference = timm.create_model(name)
-    assert n_params(model) == n_params(reference)
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    assert ours == theirs  # identical names, shapes and buffers
-    cfg = model.pretrained_cfg
-    assert model.default_cfg is cfg
-    for key in ("url", "hf_hub_id", "file", "num_classes", "input_size", "pool_size", "crop_pct", "interpolation",
-                "mean", "std", "first_conv", "classifier"):
-        assert key in cfg, key
-
-
 @pytest.mark.parametrize("name,millions", [("resnet50", 25.56), ("vit_small_patch16_224", 22.05),
                                            ("deit_base_patch16_224", 86.57)])
 def test_documented_parameter_counts(name, millions):
@@ -117,30 +100,9 @@ def test_documented_parameter_counts(name, millions):
 # --- timm parity ---------------------------------------------------------------------------------------------
 
 
-def perturb_(model):
-    """Moves every parameter and buffer off its init (zero-init BN gammas, unit BN statistics, zero biases), so
-    every branch of every block shows in the outputs."""
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            if not v.is_floating_point():
-                continue
-            if k.endswith("running_var"):
-                v.uniform_(0.5, 1.5)
-            else:
-                v.add_(torch.randn_like(v) * 0.02)
-    return model
-
-
+# The other families and sizes: tests/models/test_timm_conformance.py (test_model_forward, test_model_backward).
 @pytest.mark.parametrize("name,kwargs,size", [
-    ("resnet18", {}, 64),
-    ("resnet50", {}, 64),
-    ("resnet50d", {}, 64),
-    ("vit_tiny_patch16_224", dict(depth=3), 224),
-    ("vit_small_patch16_224", dict(depth=2, global_pool="avg"), 224),
-    ("deit_tiny_patch16_224", dict(depth=3), 224),
-    ("deit_tiny_distilled_patch16_224", dict(depth=3), 224),
-    ("vit_base_patch32_224", dict(depth=1), 224),
-    ("repvgg_a0", {}, 64),
+    ("vit_small_patch16_224", dict(depth=2, global_pool="avg"), 224),  # fc_norm instead of norm
 ])
 def test_timm_checkpoint_loads_strict_and_matches(name, kwargs, size):
     reference = perturb_(timm.create_model(name, pretrained=False, **kwargs)).eval()
@@ -155,8 +117,8 @@ def test_timm_checkpoint_loads_strict_and_matches(name, kwargs, size):
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
 def test_dynamic_img_size_matches_timm(name):
-    reference = timm.create_model(name, dynamic_img_size=True).eval()
-    model = vitops.create_model(name, dynamic_img_size=True).eval()
+    reference = timm.create_model(name, dynamic_img_size=True, depth=2).eval()
+    model = vitops.create_model(name, dynamic_img_size=True, depth=2).eval()
     model.load_state_dict(perturb_(reference).state_dict())
     x = torch.randn(2, 3, 96, 160)
     with torch.no_grad():
@@ -167,26 +129,28 @@ def test_dynamic_img_size_matches_timm(name):
     torch.testing.assert_close(maps[0], expected[0])
     with pytest.raises(ValueError, match="multiples of the patch size 16"):
         model(torch.randn(1, 3, 100, 160))
-    with pytest.raises(ValueError, match="can't be scripted"):
-        vitops.create_model(name, dynamic_img_size=True, scriptable=True)
+    scripted = torch.jit.script(model)  # pos_embed resampled in the scripted forward too
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,kwargs", [
-    ("resnet50d", {}),
-    ("vit_tiny_patch16_224", dict(depth=2, img_size=64)),
-    ("repvgg_a0", {}),
-    ("repvgg_a0", dict(scriptable=True)),
+    ("resnet18", {}),
+    pytest.param("resnet50d", {}, marks=pytest.mark.slow),
+    ("vit_tiny_patch16_224", dict(depth=2, img_size=32)),
+    ("vit_tiny_patch16_224", dict(depth=2, img_size=32, scriptable=True)),
+    pytest.param("repvgg_a0", {}, marks=pytest.mark.slow),
 ])
 def test_training_with_drop_path_matches_timm_for_a_seed(name, kwargs):
     """Stochastic depth draws its masks as timm does: same seed, same train-mode outputs and gradients (the ViT
-    with LayerScale, whose gamma is fused into the residual add)."""
+    with LayerScale, whose gamma is fused into the residual add; built plain too)."""
     timm_kwargs = {k: v for k, v in kwargs.items() if k != "scriptable"}
     reference = timm.create_model(name, drop_path_rate=0.5, init_values=0.1, **timm_kwargs) if "vit" in name else \
         timm.create_model(name, drop_path_rate=0.5, **timm_kwargs)
     kwargs = dict(kwargs, init_values=0.1) if "vit" in name else kwargs
     model = vitops.create_model(name, drop_path_rate=0.5, **kwargs)
     model.load_state_dict(perturb_(reference).state_dict())
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(4, 3, 32, 32)
     torch.manual_seed(1)
     expected = reference(x)
     torch.manual_seed(1)
@@ -222,23 +186,6 @@ def test_layer_scale_uses_timm_names_and_fused_residual():
 
 
 # --- model API -----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", list(SMALL))
-def test_forward_backward_every_param_gets_a_grad(name):
-    spec = SMALL[name]
-    model = vitops.create_model(name, num_classes=10, drop_path_rate=0.1 if "repvgg" not in name else None,
-                                **spec["kwargs"])
-    model.train()
-    x = torch.randn(2, 3, spec["size"], spec["size"])
-    out = model(x)
-    out = out[0] + out[1] if isinstance(out, tuple) else out
-    assert out.shape == (2, 10)
-    out.square().mean().backward()
-    for pname, p in model.named_parameters():
-        assert p.grad is not None, pname
-        assert torch.isfinite(p.grad).all(), pname
-    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "repvgg_a0"])
@@ -293,7 +240,7 @@ def test_vit_pool_variants(pool):
 
 def test_vit_no_weight_decay_and_distilled_training():
     model = vitops.create_model("deit_tiny_distilled_patch16_224", depth=1, img_size=32)
-    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token"}
+    assert model.no_weight_decay() == {"pos_embed", "cls_token", "dist_token", "reg_token"}  # as timm's
     head, head_dist = model.get_classifier()
     x = torch.randn(2, 3, 32, 32)
     model.train()
@@ -335,7 +282,11 @@ def test_adapt_input_conv():
     assert adapt_input_conv(3, w) is w
 
 
-@pytest.mark.parametrize("name,in_chans", [("resnet50d", 1), ("resnet18", 4), ("vit_tiny_patch16_224", 2)])
+@pytest.mark.parametrize("name,in_chans", [
+    pytest.param("resnet50d", 1, marks=pytest.mark.slow),  # the deep stem's first conv, conv1.0
+    ("resnet18", 4),
+    ("vit_tiny_patch16_224", 2),
+])
 def test_pretrained_in_chans_matches_timm(tmp_path, name, in_chans):
     kwargs = dict(depth=1) if "vit" in name else {}
     path = str(tmp_path / "w.pth")
@@ -432,58 +383,64 @@ def test_state_dict_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_mismatched_checkpoint_is_an_error(tmp_path):
-    path = str(tmp_path / "r.pth")
-    torch.save(_state_dict_for("resnet34"), path)
-    with pytest.raises(RuntimeError):
-        vitops.create_model("resnet18", checkpoint_path=path)
+def _damaged_checkpoint(tmp_path, damage: str) -> str:
+    """A checkpoint file for a resnet18 with 10 classes that can't be loaded into one: corrupted bytes, a cut
+    file (torch.save or safetensors), or the weights of another architecture or size."""
+    good = vitops.create_model("resnet18", num_classes=10).state_dict()
+    path = str(tmp_path / ("w.safetensors" if "safetensors" in damage else "w.pth"))
+    if damage == "corrupted":
+        with open(path, "wb") as f:
+            f.write(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    elif damage == "truncated":
+        torch.save(good, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "truncated_safetensors":
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        safetensors_torch.save_file(good, path)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 1000)
+    elif damage == "other_architecture":  # resnet34: resnet18's keys plus more, most with the same shapes
+        torch.save(vitops.create_model("resnet34", num_classes=10).state_dict(), path)
+    elif damage == "other_size":  # same keys, one layer narrower: every other tensor would load
+        torch.save(dict(good, **{"layer4.1.conv2.weight": good["layer4.1.conv2.weight"][:256]}), path)
+    elif damage == "other_in_chans":  # a first conv of 4 input channels, which can't be adapted to 3
+        torch.save(dict(good, **{"conv1.weight": torch.randn(64, 4, 7, 7)}), path)
+    elif damage == "pickled_objects":  # not loaded unless asked for: unpickling can run code
+        torch.save({"state_dict": good, "config": fractions.Fraction(1, 3)}, path)
+    return path
+
+
+@pytest.mark.parametrize("damage,problem", [
+    ("corrupted", "not a readable torch.save file"),
+    ("truncated", "truncated or corrupted"),
+    ("truncated_safetensors", "not a readable safetensors file"),
+    ("other_architecture", "does not fit ResNet .*unexpected keys .*layer1.2"),
+    ("other_size", r"does not fit ResNet .*layer4.1.conv2.weight \(256, 512, 3, 3\) \(the model's is \(512, 512,"),
+    ("other_in_chans", r"does not fit ResNet .*conv1.weight \(64, 4, 7, 7\)"),
+    ("pickled_objects", "pickled objects other than tensors .*weights_only=False"),
+])
+def test_bad_checkpoint_names_the_file_and_loads_nothing(tmp_path, damage, problem):
+    path = _damaged_checkpoint(tmp_path, damage)
+    model = vitops.create_model("resnet18", num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, RuntimeError), match=f"{re.escape(path)}.*{problem}|{problem}.*{re.escape(path)}"):
+        vitops.models.load_checkpoint(model, path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # never half-loaded
+    with pytest.raises((ValueError, RuntimeError), match=re.escape(path)):
+        vitops.create_model("resnet18", num_classes=10, pretrained=True, checkpoint_path=path)
+
+
+def test_trusted_pickled_checkpoint_loads_when_asked(tmp_path):
+    path = _damaged_checkpoint(tmp_path, "pickled_objects")
+    model = vitops.create_model("resnet18", num_classes=10)
+    vitops.models.load_checkpoint(model, path, weights_only=False)
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)  # timm's train.py
+    vitops.models.load_checkpoint(model, path)
 
 
 # --- features --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name,channels,reductions", [
-    ("resnet18", [64, 64, 128, 256, 512], [2, 4, 8, 16, 32]),
-    ("resnet50", [64, 256, 512, 1024, 2048], [2, 4, 8, 16, 32]),
-    ("repvgg_a0", [48, 48, 96, 192, 1280], [2, 4, 8, 16, 32]),
-])
-def test_cnn_features_only(name, channels, reductions):
-    model = vitops.create_model(name, features_only=True).eval()
-    assert model.feature_info.channels() == channels
-    assert model.feature_info.reduction() == reductions
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, 64, 64))
-    assert [o.shape for o in outs] == [(1, c, 64 // r, 64 // r) for c, r in zip(channels, reductions)]
-    some = vitops.create_model(name, features_only=True, out_indices=(1, -1))
-    assert some.feature_info.channels() == [channels[1], channels[4]]
-    assert len(some.feature_info.module_name()) == 2
-
-
-def test_resnet_features_match_timm():
-    reference = timm.create_model("resnet18", features_only=True).eval()
-    model = vitops.create_model("resnet18", features_only=True).eval()
-    assert model.feature_info.module_name() == reference.feature_info.module_name()
-    model.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        for a, b in zip(model(x), reference(x)):
-            torch.testing.assert_close(a, b)
-
-
-def test_vit_features_only_nchw_maps():
-    model = vitops.create_model("vit_tiny_patch16_224", depth=4, img_size=64, features_only=True,
-                                out_indices=(0, 3)).eval()
-    assert model.feature_info.channels() == [192, 192]
-    assert model.feature_info.reduction() == [16, 16]
-    assert model.feature_info.module_name() == ["blocks.0", "blocks.3"]
-    full = vitops.create_model("vit_tiny_patch16_224", depth=4, img_size=64).eval()
-    full.load_state_dict(model.state_dict(), strict=False)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        outs = model(x)
-        tokens = full.blocks(full._embed(x))
-    assert [o.shape for o in outs] == [(2, 192, 4, 4)] * 2
-    torch.testing.assert_close(outs[1], tokens[:, 1:].reshape(2, 4, 4, 192).permute(0, 3, 1, 2))
 
 
 def test_features_model_pickles(tmp_path):
@@ -527,9 +484,9 @@ def test_repvgg_reparameterize_keeps_outputs():
     model.train()
     with torch.no_grad():
         for _ in range(2):  # non-trivial BN statistics
-            model(torch.randn(4, 3, 64, 64))
+            model(torch.randn(4, 3, 32, 32))
     model.eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
         model.reparameterize()
@@ -594,22 +551,17 @@ def test_label_smoothing_and_soft_target_ce_match_timm():
 # --- export / compile ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(SMALL))
-def test_scriptable_models_script(name):
-    spec = SMALL[name]
-    model = vitops.create_model(name, scriptable=True, **spec["kwargs"]).eval()
-    scripted = torch.jit.script(model)
-    x = torch.randn(2, 3, spec["size"], spec["size"])
-    with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x))
-
-
+@pytest.mark.parametrize("exportable", [False, True])
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
-def test_exportable_models_torch_export(name):
+def test_models_torch_export(name, exportable):
+    """Default-built models export with vitops' ops in the graph (their fake kernels trace them); exportable=True
+    builds plain layers, so the exported graph holds stock ATen ops only."""
     spec = SMALL[name]
-    model = vitops.create_model(name, exportable=True, **spec["kwargs"]).eval()
+    model = vitops.create_model(name, exportable=exportable, drop_path_rate=0.1, **spec["kwargs"]).eval()
     x = torch.randn(1, 3, spec["size"], spec["size"])
     exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("vitops." in t for t in targets) == (not exportable and "vit" in name)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x))
 
@@ -634,7 +586,10 @@ def test_exportable_onnx(tmp_path, name):
             torch.testing.assert_close(torch.from_numpy(out), model(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name,kwargs", [("vit_tiny_patch16_224", dict(depth=2, img_size=32)), ("resnet18", {})])
+@pytest.mark.parametrize("name,kwargs", [
+    ("vit_tiny_patch16_224", dict(depth=2, img_size=32)),
+    pytest.param("resnet18", {}, marks=pytest.mark.slow),
+])
 def test_compile_fullgraph_forward_backward(name, kwargs):
     """fullgraph=True: the fused ops trace without graph breaks, forward and backward (aot_eager keeps it quick
     on the CPU; the GPU benchmark compiles with inductor)."""
@@ -653,18 +608,6 @@ def test_compile_fullgraph_forward_backward(name, kwargs):
 
 
 # --- built from vitops layers ----------------------------------------------------------------------------------
-
-
-def test_models_use_vitops_fused_layers_unless_scriptable():
-    from vitops.layers import DropPath, LayerScale
-    from vitops.models._common import PlainDropPath
-
-    vit = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32, init_values=1e-5)
-    assert isinstance(vit.blocks[0].drop_path1, DropPath) and isinstance(vit.blocks[0].ls1, LayerScale)
-    resnet = vitops.create_model("resnet18")
-    assert isinstance(resnet.layer1[0].drop_path, DropPath)
-    scripted = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32, scriptable=True)
-    assert isinstance(scripted.blocks[0].drop_path1, PlainDropPath)
 
 
 def test_residuals_go_through_drop_path_add(monkeypatch):
@@ -709,6 +652,7 @@ def test_bf16_autocast_forward_backward(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_inductor_vit_tiny():
     """The default inductor backend too (one small ViT, to keep CI quick): same outputs as eager."""
     model = vitops.create_model("vit_tiny_patch16_224", depth=1, img_size=32, num_classes=4).eval()
@@ -728,41 +672,9 @@ def test_load_checkpoint_resamples_vit_pos_embed(tmp_path):
     assert model.pos_embed.shape == (1, 5, 192)
 
 
-@pytest.mark.parametrize("name,kwargs,size", [
-    ("resnet18", {}, 64), ("vit_tiny_patch16_224", dict(depth=3, img_size=64), 64), ("repvgg_a0", {}, 64),
-])
-def test_forward_intermediates_match_timm(name, kwargs, size):
-    reference = timm.create_model(name, **kwargs).eval()
-    model = vitops.create_model(name, **kwargs).eval()
-    model.load_state_dict(reference.state_dict())
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x, indices=2)
-        ref_final, ref_inter = reference.forward_intermediates(x, indices=2)
-        torch.testing.assert_close(final, ref_final)
-        assert len(inter) == len(ref_inter) == 2
-        for a, b in zip(inter, ref_inter):
-            torch.testing.assert_close(a, b)
-        only = model.forward_intermediates(x, indices=[0], intermediates_only=True)
-        ref_only = reference.forward_intermediates(x, indices=[0], intermediates_only=True)
-    assert len(only) == 1
-    torch.testing.assert_close(only[0], ref_only[0])
-
-
-@pytest.mark.parametrize("name", ["resnet18", "resnet50d", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
-def test_models_trace_with_torch_fx(name):
-    # The fused ops are fx leaves, so tools built on symbolic tracing (vitops.reparameterize's Conv -> BatchNorm
-    # search, timm's feature extraction) see the whole model.
-    model = vitops.create_model(name, num_classes=10).eval()
-    graph = torch.fx.symbolic_trace(model)
-    x = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
-
-
 def test_vitops_reparameterize_folds_every_resnet_bn():
     model = perturb_(vitops.create_model("resnet50d", num_classes=10)).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     fused, report = vitops.reparameterize(model)
     assert report.pair_search == "fx" and report.conv_bn_pairs == report.bns_before == 55 and report.bns_after == 0
     with torch.no_grad():

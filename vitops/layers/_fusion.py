@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitops.ops.fuse_conv_bn import fuse_conv_bn
+from vitops.ops import fuse_conv_bn
 
 
 def bn_statistics(bn: nn.Module, where: str) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, float]:

@@ -2,6 +2,8 @@
 into one k x k conv for inference (Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", 2021)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -58,28 +60,30 @@ class RepVGGBlock(nn.Module):
                 in_chs, out_chs, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
                 bias=True, **factory,
             )  # fmt: skip
-        else:
+        else:  # registered in timm's order, so parameters() and the state_dict list them as timm's RepVggBlock
+            if use_identity and in_chs == out_chs and stride == 1:
+                self.identity = nn.BatchNorm2d(out_chs, **factory)
             self.conv_kxk = ConvNormAct(
                 in_chs, out_chs, kernel_size, stride, padding, dilation, groups, apply_act=False, **factory
             )
             if kernel_size > 1:
                 self.conv_1x1 = ConvNormAct(in_chs, out_chs, 1, stride, 0, 1, groups, apply_act=False, **factory)
-            if use_identity and in_chs == out_chs and stride == 1:
-                self.identity = nn.BatchNorm2d(out_chs, **factory)
         self.drop_path = DropPath(drop_path) if drop_path > 0 and self.identity is not None else None
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam_conv is not None:
             return self.act(self.reparam_conv(x))
-        shortcut = self.identity(x) if self.identity is not None else None
-        out = self.conv_kxk(x)
+        # the branches run in timm's order, so fx graphs of the two list their modules alike
+        shortcut: Optional[Tensor] = None
+        if self.identity is not None:
+            shortcut = self.identity(x)
         if self.conv_1x1 is not None:
-            out = out + self.conv_1x1(x)
-        if self.drop_path is not None:
-            out = self.drop_path.add(shortcut, out)
-        elif shortcut is not None:
-            out = out + shortcut
+            out = self.conv_1x1(x) + self.conv_kxk(x)
+        else:
+            out = self.conv_kxk(x)
+        if shortcut is not None:
+            out = self.drop_path.add(shortcut, out) if self.drop_path is not None else out + shortcut
         return self.act(out)
 
     def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:

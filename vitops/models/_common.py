@@ -1,4 +1,4 @@
-"""Pieces shared by the model files: global pooling, plain (scriptable/exportable) drop path, checkpointing."""
+"""Pieces shared by the model files: global pooling, the classifier head, gradient checkpointing, input checks."""
 
 from typing import Optional
 
@@ -72,32 +72,14 @@ class ClassifierHead(nn.Module):
         return self.flatten(self.fc(x))
 
 
-class PlainDropPath(nn.Module):
-    """Drop path in plain PyTorch ops, for scriptable / exportable models (no custom op)."""
-
-    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
-        super().__init__()
-        self.drop_prob = drop_prob
-        self.scale_by_keep = scale_by_keep
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep_prob = 1.0 - self.drop_prob
-        shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        mask = x.new_empty(shape).bernoulli_(keep_prob)
-        if keep_prob > 0.0 and self.scale_by_keep:
-            mask.div_(keep_prob)
-        return x * mask
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
-
-
-def make_drop_path(drop_prob: float, plain: bool) -> nn.Module:
-    from vitops.layers import DropPath
-
-    return PlainDropPath(drop_prob) if plain else DropPath(drop_prob)
+def run_blocks(blocks: nn.Module, x: Tensor, checkpointing: bool) -> Tensor:
+    """x through a Sequential of blocks; with checkpointing (and grad enabled) each block's activations are
+    recomputed in backward instead of kept, as timm's checkpoint_seq."""
+    if not (checkpointing and torch.is_grad_enabled()):
+        return blocks(x)
+    for block in blocks:
+        x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    return x
 
 
 def check_input(x: Tensor, in_chans: int, model: str, min_size: int = 1, fixed_size=None) -> None:
@@ -122,4 +104,4 @@ def check_input(x: Tensor, in_chans: int, model: str, min_size: int = 1, fixed_s
         raise ValueError(f"vitops {model}: images must be at least {min_size}x{min_size}, got {tuple(x.shape[2:])}")
 
 
-__all__ = ["ClassifierHead", "SelectAdaptivePool2d", "PlainDropPath", "make_drop_path", "check_input"]
+__all__ = ["ClassifierHead", "SelectAdaptivePool2d", "check_input", "run_blocks"]

@@ -19,6 +19,7 @@ def pretrained_cfg(url: str = "", **kwargs) -> dict:
         "file": None,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
+        "fixed_input_size": False,
         "pool_size": None,
         "crop_pct": 0.875,
         "interpolation": "bicubic",

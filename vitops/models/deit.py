@@ -2,7 +2,7 @@
 token and head. Names and outputs as timm 1.0's deit.py."""
 
 from functools import partial
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,11 @@ class VisionTransformerDistilled(VisionTransformer):
         return [self.cls_token.expand(x.shape[0], -1, -1), self.dist_token.expand(x.shape[0], -1, -1)]
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed|dist_token", blocks=[(r"^blocks\.(\d+)", None),
+                                                                             (r"^norm", (99999,))])
+
+    @torch.jit.ignore
     def get_classifier(self):
         return self.head, self.head_dist
 
@@ -66,7 +71,7 @@ class VisionTransformerDistilled(VisionTransformer):
         return (x + x_dist) / 2
 
 
-_cfg = partial(pretrained_cfg, fixed_input_size=True, first_conv="patch_embed.proj", classifier="head")
+_cfg = partial(pretrained_cfg, crop_pct=0.9, fixed_input_size=True, first_conv="patch_embed.proj", classifier="head")
 
 
 _FB = "https://dl.fbaipublicfiles.com/deit/"

@@ -4,113 +4,18 @@ widths, module names and parameter shapes as timm's repvgg_a0..b1 (byobnet: stem
 RepVGG checkpoints load strict=True."""
 
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitops.layers import RepVGGBlock
 from vitops.models._builder import build_model_with_cfg
-from vitops.models._common import ClassifierHead, PlainDropPath, check_input
-from vitops.models._features import forward_intermediates
+from vitops.models._common import ClassifierHead, check_input, run_blocks
+from vitops.models._features import feature_take_indices
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["RepVGG", "RepVGGBlock"]
-
-
-class _ConvBn(nn.Module):
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int, groups: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bn(self.conv(x))
-
-
-def _fold_bn(weight: Tensor, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
-    std = (bn.running_var + bn.eps).sqrt()
-    scale = bn.weight / std
-    return weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
-
-
-class _RepVGGBlock(nn.Module):
-    """A RepVGG block in plain PyTorch with vitops.layers.RepVGGBlock's signature and state_dict, for
-    torch.jit.script and ONNX export.
-    `act(bn(conv_kxk(x)) + bn(conv_1x1(x)) + bn(x))`, `reparameterize()` folds it into `reparam_conv`."""
-
-    def __init__(
-        self,
-        in_chs: int,
-        out_chs: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-        act_layer: Optional[type] = nn.ReLU,
-        use_identity: bool = True,
-        drop_path: float = 0.0,
-        inference_mode: bool = False,
-    ):
-        super().__init__()
-        self.in_chs, self.out_chs, self.kernel_size, self.stride, self.groups = in_chs, out_chs, kernel_size, stride, groups
-        self.reparam_conv: Optional[nn.Conv2d] = None
-        self.conv_kxk: Optional[nn.Module] = None
-        self.conv_1x1: Optional[nn.Module] = None
-        self.identity: Optional[nn.Module] = None
-        if inference_mode:
-            self.reparam_conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups)
-        else:
-            self.conv_kxk = _ConvBn(in_chs, out_chs, kernel_size, stride, groups)
-            self.conv_1x1 = _ConvBn(in_chs, out_chs, 1, stride, groups) if kernel_size > 1 else None
-            if use_identity and in_chs == out_chs and stride == 1:
-                self.identity = nn.BatchNorm2d(out_chs)
-        self.drop_path = PlainDropPath(drop_path) if self.identity is not None else nn.Identity()
-        self.act = act_layer() if act_layer is not None else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.reparam_conv is not None:
-            return self.act(self.reparam_conv(x))
-        shortcut: Optional[Tensor] = self.identity(x) if self.identity is not None else None
-        out = self.conv_kxk(x)
-        if self.conv_1x1 is not None:
-            out = out + self.conv_1x1(x)
-        if shortcut is not None:
-            out = self.drop_path(out) + shortcut
-        return self.act(out)
-
-    @torch.no_grad()
-    def get_equivalent_kernel_bias(self) -> Tuple[Tensor, Tensor]:
-        weight, bias = _fold_bn(self.conv_kxk.conv.weight, self.conv_kxk.bn)
-        k = self.kernel_size
-        if self.conv_1x1 is not None:
-            w1, b1 = _fold_bn(self.conv_1x1.conv.weight, self.conv_1x1.bn)
-            weight = weight + F.pad(w1, [k // 2] * 4)
-            bias = bias + b1
-        if self.identity is not None:
-            in_per_group = self.in_chs // self.groups
-            ident = torch.zeros_like(self.conv_kxk.conv.weight)
-            for i in range(self.out_chs):
-                ident[i, i % in_per_group, k // 2, k // 2] = 1.0
-            wi, bi = _fold_bn(ident, self.identity)
-            weight, bias = weight + wi, bias + bi
-        return weight, bias
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        if self.reparam_conv is not None:
-            return
-        weight, bias = self.get_equivalent_kernel_bias()
-        conv = self.conv_kxk.conv
-        self.reparam_conv = nn.Conv2d(
-            self.in_chs, self.out_chs, self.kernel_size, conv.stride, conv.padding, conv.dilation, self.groups,
-            bias=True, device=weight.device, dtype=weight.dtype,
-        )  # fmt: skip
-        self.reparam_conv.weight.copy_(weight)
-        self.reparam_conv.bias.copy_(bias)
-        self.conv_kxk = self.conv_1x1 = self.identity = None
-        self.drop_path = nn.Identity()
 
 
 class RepVGG(nn.Module):
@@ -134,17 +39,14 @@ class RepVGG(nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         inference_mode: bool = False,
-        scriptable: bool = False,
-        exportable: bool = False,
     ):
         super().__init__()
-        block = _RepVGGBlock if (scriptable or exportable) else RepVGGBlock
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.stem = block(in_chans, stem_chs, 3, stride=2, inference_mode=inference_mode)
-        self._feature_levels = [dict(num_chs=stem_chs, reduction=2, module="stem")]
+        self.stem = RepVGGBlock(in_chans, stem_chs, 3, stride=2, inference_mode=inference_mode)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="stem", stage=0)]
         stages = []
         in_chs, reduction = stem_chs, 2
         # timm's spacing: linear over the stages' blocks, the stem excluded
@@ -153,14 +55,16 @@ class RepVGG(nn.Module):
             reduction *= 2
             blocks = []
             for j in range(depth):
-                blocks.append(block(in_chs, width, 3, stride=2 if j == 0 else 1, drop_path=rates[i][j],
-                                    inference_mode=inference_mode))  # fmt: skip
+                blocks.append(RepVGGBlock(in_chs, width, 3, stride=2 if j == 0 else 1, drop_path=rates[i][j],
+                                          inference_mode=inference_mode))  # fmt: skip
                 in_chs = width
             stages.append(nn.Sequential(*blocks))
-            self._feature_levels.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{i}", stage=i + 1))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.final_conv = nn.Identity()
+        # as timm: the last level is read after final_conv
+        self.feature_info[-1] = dict(num_chs=in_chs, reduction=reduction, module="final_conv", stage=len(layers))
         self.head = ClassifierHead(in_chs, num_classes, global_pool, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -175,6 +79,12 @@ class RepVGG(nn.Module):
         return self
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay (timm's optimizer factory): the stem, then each block."""
+        stage = r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"
+        return dict(stem=r"^stem", blocks=[(stage, None), (r"^final_conv", (99999,))])
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
@@ -182,17 +92,14 @@ class RepVGG(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """As timm's; `reset_other` is accepted for timm's sake (this head has nothing else to reset)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
-
-    @torch.jit.ignore
-    def feature_levels(self) -> List[dict]:
-        return [dict(f) for f in self._feature_levels]
 
     @torch.jit.unused
     def _check_input(self, x: Tensor) -> None:
@@ -202,48 +109,65 @@ class RepVGG(nn.Module):
         if not torch.jit.is_scripting():
             self._check_input(x)
         x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             for stage in self.stages:
-                for blk in stage:
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = run_blocks(stage, x, checkpointing=True)
         else:
             x = self.stages(x)
         return self.final_conv(x)
 
     @torch.jit.ignore
-    def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
-        """Feature maps of the 5 levels (stem, stages.0..3) at `indices`; stops after the last one asked."""
-        return self._levels(x, indices, stop_early=True)[0]
-
-    @torch.jit.ignore
-    def _levels(self, x: Tensor, indices: List[int], stop_early: bool):
-        self._check_input(x)
-        wanted = set(indices)
-        last = max(indices) if stop_early else len(self.stages)
-        outs = {}
-        x = self.stem(x)
-        if 0 in wanted:
-            outs[0] = x
-        for i, stage in enumerate(self.stages, start=1):
-            if i > last:
-                break
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                for blk in stage:
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = stage(x)
-            if i == len(self.stages):
-                x = self.final_conv(x)
-            if i in wanted:
-                outs[i] = x
-        return [outs[i] for i in indices], x
-
-    @torch.jit.ignore
-    def forward_intermediates(self, x: Tensor, indices=None, stop_early: bool = False,
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        exclude_final_conv: bool = False,
+    ):
         """timm's API: (final features, [feature maps at indices]) or, with intermediates_only, the list.
-        indices: None for all 5 levels, n for the last n, or a sequence of level indices."""
-        return forward_intermediates(self, x, indices, stop_early, intermediates_only)
+        indices: None for all 5 levels (stem, stages.0..2, final_conv), n for the last n, or a sequence of level
+        indices. norm is accepted and unused (no final norm), as in timm; output_fmt must be 'NCHW'.
+        exclude_final_conv: the last level is read before final_conv."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"vitops RepVGG: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        self._check_input(x)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        level, last = 0, len(self.stages)
+        for stage in self.stages[:max_index] if stop_early else self.stages:
+            level += 1
+            x = run_blocks(stage, x, self.grad_checkpointing)
+            if level == last and not exclude_final_conv:
+                x = self.final_conv(x)
+            if level in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if exclude_final_conv and level == last:
+            x = self.final_conv(x)
+        return x, intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drops the stages after the last of `indices` (and the head) for feature extraction; returns the
+        indices, counted from 0."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        num_chs = self.feature_info[max_index]["num_chs"]
+        self.stages = self.stages[:max_index]
+        if max_index < len(self.feature_info) - 1:
+            self.final_conv = nn.Identity()
+            self.num_features = self.head_hidden_size = num_chs
+        if prune_head or max_index < len(self.feature_info) - 1:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -273,8 +197,9 @@ def _widths(wf: Tuple[float, ...]) -> Tuple[int, ...]:
 
 
 def _create_repvgg(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> RepVGG:
+    # timm's default for RepVGG: the 'list' extractor, the stages flattened into stages_0..stages_3
     return build_model_with_cfg(
-        RepVGG, variant, pretrained, default_out_indices=(0, 1, 2, 3, 4), **dict(model_args, **kwargs)
+        RepVGG, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **dict(model_args, **kwargs)
     )
 
 

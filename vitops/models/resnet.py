@@ -4,15 +4,16 @@ forward: timm checkpoints load strict=True and give the same outputs. Each block
 
 import math
 from functools import partial
-from typing import List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitops.layers import DropPath
 from vitops.models._builder import build_model_with_cfg
-from vitops.models._common import SelectAdaptivePool2d, check_input, make_drop_path
-from vitops.models._features import forward_intermediates
+from vitops.models._common import SelectAdaptivePool2d, check_input, run_blocks
+from vitops.models._features import feature_take_indices
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -28,7 +29,6 @@ class BasicBlock(nn.Module):
         stride: int = 1,
         downsample: Optional[nn.Module] = None,
         drop_path: float = 0.0,
-        plain: bool = False,
     ):
         super().__init__()
         outplanes = planes * self.expansion
@@ -42,15 +42,10 @@ class BasicBlock(nn.Module):
         self.se = None
         self.act2 = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self.drop_path = make_drop_path(drop_path, plain)
-        self.plain = plain
+        self.drop_path = DropPath(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
-
-    @torch.jit.unused
-    def _fused_add(self, shortcut: Tensor, x: Tensor) -> Tensor:
-        return self.drop_path.add(shortcut, x)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
@@ -58,10 +53,7 @@ class BasicBlock(nn.Module):
         x = self.bn2(self.conv2(self.aa(x)))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.plain or torch.jit.is_scripting():
-            x = self.drop_path(x) + shortcut
-        else:
-            x = self._fused_add(shortcut, x)
+        x = self.drop_path.add(shortcut, x)
         return self.act2(x)
 
 
@@ -75,7 +67,6 @@ class Bottleneck(nn.Module):
         stride: int = 1,
         downsample: Optional[nn.Module] = None,
         drop_path: float = 0.0,
-        plain: bool = False,
     ):
         super().__init__()
         width = planes
@@ -93,15 +84,10 @@ class Bottleneck(nn.Module):
         self.se = None
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self.drop_path = make_drop_path(drop_path, plain)
-        self.plain = plain
+        self.drop_path = DropPath(drop_path)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
-
-    @torch.jit.unused
-    def _fused_add(self, shortcut: Tensor, x: Tensor) -> Tensor:
-        return self.drop_path.add(shortcut, x)
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
@@ -110,10 +96,7 @@ class Bottleneck(nn.Module):
         x = self.bn3(self.conv3(self.aa(x)))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.plain or torch.jit.is_scripting():
-            x = self.drop_path(x) + shortcut
-        else:
-            x = self._fused_add(shortcut, x)
+        x = self.drop_path.add(shortcut, x)
         return self.act3(x)
 
 
@@ -132,7 +115,7 @@ class ResNet(nn.Module):
         block: BasicBlock or Bottleneck. layers: blocks per stage.
         num_classes, in_chans, global_pool ('avg', 'max', 'avgmax', 'catavgmax', ''), drop_rate (before fc),
         drop_path_rate (stochastic depth, rate * block_idx / (num_blocks - 1)), stem_width, stem_type ('' or
-        'deep'), avg_down (ResNet-D shortcut), zero_init_last, scriptable / exportable (plain PyTorch residuals).
+        'deep'), avg_down (ResNet-D shortcut), zero_init_last.
     """
 
     def __init__(
@@ -148,15 +131,12 @@ class ResNet(nn.Module):
         stem_type: str = "",
         avg_down: bool = False,
         zero_init_last: bool = True,
-        scriptable: bool = False,
-        exportable: bool = False,
     ):
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        plain = bool(scriptable or exportable)
         deep_stem = "deep" in stem_type
         inplanes = stem_width * 2 if deep_stem else 64
         if deep_stem:
@@ -174,7 +154,7 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(inplanes)
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self._feature_levels = [dict(num_chs=inplanes, reduction=2, module="act1")]
+        self.feature_info = [dict(num_chs=inplanes, reduction=2, module="act1")]
 
         net_num_blocks = sum(layers)
         net_block_idx = 0
@@ -189,11 +169,11 @@ class ResNet(nn.Module):
                 if block_idx == 0 and (stride != 1 or inplanes != planes * block.expansion):
                     downsample = _downsample(inplanes, planes * block.expansion, stride, avg_down)
                 dpr = drop_path_rate * net_block_idx / (net_num_blocks - 1) if net_num_blocks > 1 else 0.0
-                blocks.append(block(inplanes, planes, block_stride, downsample, drop_path=dpr, plain=plain))
+                blocks.append(block(inplanes, planes, block_stride, downsample, drop_path=dpr))
                 inplanes = planes * block.expansion
                 net_block_idx += 1
             setattr(self, f"layer{stage_idx + 1}", nn.Sequential(*blocks))
-            self._feature_levels.append(dict(num_chs=inplanes, reduction=reduction, module=f"layer{stage_idx + 1}"))
+            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f"layer{stage_idx + 1}"))
 
         self.num_features = self.head_hidden_size = inplanes
         self.global_pool = SelectAdaptivePool2d(global_pool)
@@ -224,12 +204,17 @@ class ResNet(nn.Module):
     # --- model API ---------------------------------------------------------------------------------------------
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay (timm's optimizer factory): the stem, then each block."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.fc
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return "fc" if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
@@ -240,10 +225,6 @@ class ResNet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return set()
-
-    @torch.jit.ignore
-    def feature_levels(self) -> List[dict]:
-        return [dict(f) for f in self._feature_levels]
 
     @torch.jit.unused
     def _check_input(self, x: Tensor) -> None:
@@ -259,10 +240,9 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.forward_stem(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             for stage in self._stages():
-                for blk in stage:
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = run_blocks(stage, x, checkpointing=True)
         else:
             x = self.layer1(x)
             x = self.layer2(x)
@@ -271,37 +251,49 @@ class ResNet(nn.Module):
         return x
 
     @torch.jit.ignore
-    def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
-        """Feature maps of the 5 levels (stem act1, layer1..4) at `indices`; stops after the last one asked."""
-        return self._levels(x, indices, stop_early=True)[0]
-
-    @torch.jit.ignore
-    def _levels(self, x: Tensor, indices: List[int], stop_early: bool):
-        wanted = set(indices)
-        last = max(indices) if stop_early else len(self._feature_levels) - 1
-        outs = {}
-        x = self.forward_stem(x)
-        if 0 in wanted:
-            outs[0] = x
-        x = self.maxpool(x)
-        for i, stage in enumerate(self._stages(), start=1):
-            if i > last:
-                break
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                for blk in stage:
-                    x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = stage(x)
-            if i in wanted:
-                outs[i] = x
-        return [outs[i] for i in indices], x
-
-    @torch.jit.ignore
-    def forward_intermediates(self, x: Tensor, indices=None, stop_early: bool = False,
-                              intermediates_only: bool = False):
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
         """timm's API: (final features, [feature maps at indices]) or, with intermediates_only, the list.
-        indices: None for all 5 levels, n for the last n, or a sequence of level indices."""
-        return forward_intermediates(self, x, indices, stop_early, intermediates_only)
+        indices: None for all 5 levels (act1, layer1..4), n for the last n, or a sequence of level indices.
+        norm is accepted and unused (ResNet has no final norm), as in timm; output_fmt must be 'NCHW'."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"vitops ResNet: output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.forward_stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = self._stages()
+        for i, stage in enumerate(stages[:max_index] if stop_early else stages, start=1):
+            x = run_blocks(stage, x, self.grad_checkpointing)
+            if i in take_indices:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Empties the stages after the last of `indices` (and drops the head) for feature extraction; returns the
+        indices, counted from 0."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in ("layer1", "layer2", "layer3", "layer4")[max_index:]:
+            setattr(self, name, nn.Sequential())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < 4:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or max_index < 4:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)
@@ -326,12 +318,14 @@ register_pretrained_cfgs({
     "resnet50.a1_in1k": _cfg(_RSB + "resnet50_a1_0-14fe96d1.pth"),
     "resnet101.a1h_in1k": _cfg(_RSB + "resnet101_a1h-36d3f2aa.pth"),
     "resnet152.a1h_in1k": _cfg(_RSB + "resnet152_a1h-dc400468.pth"),
-    "resnet50d.a1_in1k": _cfg(_RSB + "resnet50d_a1_0-e20cff14.pth", first_conv="conv1.0"),
+    "resnet50d.ra2_in1k": _cfg(
+        "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/resnet50d_ra2-464e36ba.pth",
+        first_conv="conv1.0", crop_pct=0.875, test_crop_pct=0.95),
 })
 
 
 def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(ResNet, variant, pretrained, default_out_indices=(0, 1, 2, 3, 4), **kwargs)
+    return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
 
 
 @register_model

@@ -3,66 +3,19 @@ checkpoints load strict=True and give the same outputs. Blocks use vitops' fused
 each residual in a fused `x + drop_path(ls(branch))` (vitops.ops.drop_path_add, LayerScale folded in)."""
 
 from functools import partial
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.jit import Final
 
-from vitops.layers import Attention, LayerScale
+from vitops.layers import Attention, DropPath, LayerScale
 from vitops.models._builder import build_model_with_cfg, resample_abs_pos_embed
-from vitops.models._common import check_input, make_drop_path
-from vitops.models._features import forward_intermediates
+from vitops.models._common import check_input, run_blocks
+from vitops.models._features import feature_take_indices
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["VisionTransformer", "Block", "Attention", "checkpoint_filter_fn"]
-
-
-class _SdpaAttention(nn.Module):
-    """Multi-head self-attention with timm's submodule and parameter names (qkv, q_norm, k_norm, attn_drop, norm,
-    proj, proj_drop), on F.scaled_dot_product_attention: the plain path for torch.jit.script and ONNX export."""
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 8,
-        qkv_bias: bool = False,
-        qk_norm: bool = False,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        norm_layer: Optional[type] = None,
-        **kwargs,
-    ):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"vitops Attention: dim {dim} must be divisible by num_heads {num_heads}")
-        norm_layer = norm_layer or nn.LayerNorm
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, C)
-        x = self.norm(x)
-        return self.proj_drop(self.proj(x))
-
-
-def make_attention(plain: bool, **kwargs) -> nn.Module:
-    """vitops' fused Attention, or the plain SDPA one for scriptable / exportable models."""
-    return _SdpaAttention(**kwargs) if plain else Attention(**kwargs)
 
 
 class Mlp(nn.Module):
@@ -100,9 +53,8 @@ class PatchEmbed(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with timm's names: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2."""
-
-    plain: Final[bool]
+    """Pre-norm transformer block with timm's names: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2.
+    Each residual ends in DropPath.add: `x + drop_path(ls(branch))` fused into one op, LayerScale folded in."""
 
     def __init__(
         self,
@@ -116,36 +68,30 @@ class Block(nn.Module):
         init_values: Optional[float] = None,
         drop_path: float = 0.0,
         norm_layer=None,
-        plain: bool = False,
     ):
         super().__init__()
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        self.plain = plain
         self.norm1 = norm_layer(dim)
-        self.attn = make_attention(
-            plain, dim=dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
-            proj_drop=proj_drop, norm_layer=norm_layer,
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=proj_drop,
+            norm_layer=norm_layer,
         )  # fmt: skip
         self.ls1 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path1 = make_drop_path(drop_path, plain)
+        self.drop_path1 = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values=init_values) if init_values else nn.Identity()
-        self.drop_path2 = make_drop_path(drop_path, plain)
+        self.drop_path2 = DropPath(drop_path)
 
-    @torch.jit.unused
-    def _fused(self, x: Tensor) -> Tensor:
-        gamma1 = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
-        gamma2 = self.ls2.gamma if isinstance(self.ls2, LayerScale) else None
-        x = self.drop_path1.add(x, self.attn(self.norm1(x)), gamma=gamma1)
-        return self.drop_path2.add(x, self.mlp(self.norm2(x)), gamma=gamma2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.plain or torch.jit.is_scripting():
-            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-            x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-            return x
-        return self._fused(x)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        gamma1: Optional[Tensor] = None
+        gamma2: Optional[Tensor] = None
+        if hasattr(self.ls1, "gamma"):  # a LayerScale (hasattr is what TorchScript resolves when ls is Identity)
+            gamma1 = self.ls1.broadcast_gamma()
+        if hasattr(self.ls2, "gamma"):
+            gamma2 = self.ls2.broadcast_gamma()
+        x = self.drop_path1.add(x, self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal), gamma1)
+        return self.drop_path2.add(x, self.mlp(self.norm2(x)), gamma2)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -160,12 +106,11 @@ class VisionTransformer(nn.Module):
     fc_norm, head_drop, head.
 
     Args:
-        img_size, patch_size, in_chans, num_classes, global_pool ('token', 'avg', ''), embed_dim, depth,
-        num_heads, mlp_ratio, qkv_bias, qk_norm, init_values (LayerScale; None for none), class_token, drop_rate
-        (head), pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate (linspace(0, rate, depth)),
-        scriptable / exportable (plain PyTorch attention and residuals), fc_norm (None: when global_pool is avg),
-        dynamic_img_size (take any image size that is a multiple of the patch size, resampling pos_embed per
-        forward as timm does).
+        img_size, patch_size, in_chans, num_classes, global_pool ('token', 'avg', 'max', 'avgmax', ''), embed_dim,
+        depth, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values (LayerScale; None for none), class_token,
+        drop_rate (head), pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate (linspace(0, rate,
+        depth)), fc_norm (None: when global_pool is avg), dynamic_img_size (take any image size that is a multiple
+        of the patch size, resampling pos_embed per forward as timm does).
     """
 
     num_prefix_tokens: Final[int]
@@ -193,23 +138,17 @@ class VisionTransformer(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        scriptable: bool = False,
-        exportable: bool = False,
         num_extra_tokens: int = 0,
         dynamic_img_size: bool = False,
     ):
         super().__init__()
-        if global_pool not in ("", "avg", "token", "max", "avgmax"):
-            raise ValueError(f"vitops ViT: unknown global_pool {global_pool!r}; choose 'token', 'avg' or ''")
+        _check_global_pool(global_pool)
         if global_pool == "token" and not class_token:
             raise ValueError("vitops ViT: global_pool='token' needs class_token=True")
-        if dynamic_img_size and scriptable:
-            raise ValueError("vitops ViT: dynamic_img_size can't be scripted; use scriptable=False")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         for s in img_size:
             if s % patch_size:
                 raise ValueError(f"vitops ViT: img_size {img_size} must be a multiple of patch_size {patch_size}")
-        plain = bool(scriptable or exportable)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         use_fc_norm = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
         self.num_classes = num_classes
@@ -224,8 +163,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self._init_extra_tokens(embed_dim)
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self._init_extra_tokens(embed_dim)  # after pos_embed: timm's parameter order
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
         self.patch_drop = nn.Identity()
         self.norm_pre = nn.Identity()
@@ -234,12 +173,11 @@ class VisionTransformer(nn.Module):
             Block(
                 dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, init_values=init_values, drop_path=dpr[i],
-                norm_layer=norm_layer, plain=plain,
+                norm_layer=norm_layer,
             )
             for i in range(depth)
         ])  # fmt: skip
-        reduction = patch_size
-        self._feature_levels = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = norm_layer(embed_dim) if not use_fc_norm else nn.Identity()
         self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
@@ -269,8 +207,16 @@ class VisionTransformer(nn.Module):
     # --- model API ---------------------------------------------------------------------------------------------
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {"pos_embed", "cls_token", "dist_token"}
+    def no_weight_decay(self) -> Set[str]:
+        return {"pos_embed", "cls_token", "dist_token", "reg_token"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups for layer-wise lr decay (timm's optimizer factory): the embedding, then each block."""
+        return dict(
+            stem=r"^cls_token|reg_token|pos_embed|patch_embed|norm_pre",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -283,14 +229,9 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("", "avg", "token", "max", "avgmax"):
-                raise ValueError(f"vitops ViT: unknown global_pool {global_pool!r}; choose 'token', 'avg' or ''")
+            _check_global_pool(global_pool)
             self.global_pool = global_pool
         self._init_heads(num_classes)
-
-    @torch.jit.ignore
-    def feature_levels(self) -> List[dict]:
-        return [dict(f) for f in self._feature_levels]
 
     @torch.jit.unused
     def _check_input(self, x: Tensor) -> None:
@@ -312,17 +253,14 @@ class VisionTransformer(nn.Module):
         patch = self.patch_embed.patch_size[0]
         return x.shape[-2] // patch, x.shape[-1] // patch
 
-    @torch.jit.unused
-    def _resampled_pos_embed(self, grid: Tuple[int, int]) -> Tensor:
-        return resample_abs_pos_embed(
-            self.pos_embed, new_size=grid, old_size=self.patch_embed.grid_size, num_prefix_tokens=self.num_prefix_tokens
-        )
-
     def _pos_embed(self, x: Tensor, grid: Tuple[int, int]) -> Tensor:
+        to_cat = self._prefix_tokens(x)  # read before pos_embed, as timm does (fx graphs list them alike)
         pos_embed = self.pos_embed
-        if self.dynamic_img_size and not torch.jit.is_scripting():
-            pos_embed = self._resampled_pos_embed(grid)
-        to_cat = self._prefix_tokens(x)
+        if self.dynamic_img_size:
+            old = self.patch_embed.grid_size
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, [grid[0], grid[1]], [old[0], old[1]], num_prefix_tokens=self.num_prefix_tokens
+            )
         if len(to_cat) > 0:
             x = torch.cat(to_cat + [x], dim=1)
         return self.pos_drop(x + pos_embed)
@@ -335,57 +273,98 @@ class VisionTransformer(nn.Module):
         x = self._pos_embed(x, grid)
         return self.norm_pre(self.patch_drop(x))
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+        if attn_mask is not None or is_causal:
             for blk in self.blocks:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
+            x = run_blocks(self.blocks, x, checkpointing=True)
         else:
             x = self.blocks(x)
         return self.norm(x)
 
     @torch.jit.ignore
-    def forward_feature_maps(self, x: Tensor, indices: List[int]) -> List[Tensor]:
-        """Outputs of the blocks at `indices` as (B, C, H/patch, W/patch) maps, prefix tokens removed."""
-        return self._levels(x, indices, stop_early=True, norm=False)[0]
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ):
+        """timm's API: (final normed tokens, [block outputs at indices]), or with intermediates_only the list, or
+        with output_dict {'image_features', 'image_intermediates'[, 'image_intermediates_prefix']}.
 
-    @torch.jit.ignore
-    def _levels(self, x: Tensor, indices: List[int], stop_early: bool, norm: bool):
+        Args:
+            indices: None for every block, n for the last n, or a sequence of block indices.
+            return_prefix_tokens: pair each intermediate with its prefix (class, distillation) tokens.
+            norm: apply the final norm to the intermediates. stop_early: don't run the blocks after the last one
+            taken. output_fmt: 'NCHW' maps or 'NLC' tokens (prefix tokens removed either way).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"vitops ViT: output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B = x.shape[0]
         H, W = self._grid(x)
-        wanted = set(indices)
-        last = max(indices) if stop_early else len(self.blocks) - 1
-        outs = {}
         x = self._embed(x)
-        for i, blk in enumerate(self.blocks):
-            if i > last:
-                break
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        intermediates = []
+        for i, blk in enumerate(self.blocks[: max_index + 1] if stop_early else self.blocks):
+            if attn_mask is not None or is_causal:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-            if i in wanted:
-                y = self.norm(x) if norm else x
-                outs[i] = y[:, self.num_prefix_tokens:].reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
-        return [outs[i] for i in indices], x
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix_tokens = [y[:, : self.num_prefix_tokens] for y in intermediates] if self.num_prefix_tokens else None
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     @torch.jit.ignore
-    def forward_intermediates(self, x: Tensor, indices=None, norm: bool = False, stop_early: bool = False,
-                              intermediates_only: bool = False):
-        """timm's API: (final normed tokens, [NCHW block outputs at indices]) or, with intermediates_only, the
-        list. indices: None for every block, n for the last n, or a sequence of block indices."""
-        out = forward_intermediates(self, x, indices, stop_early, intermediates_only, norm=norm)
-        return out if intermediates_only else (self.norm(out[0]), out[1])
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drops the blocks after the last of `indices` (and the final norm, the head) for feature extraction;
+        returns the indices, counted from 0."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take_indices
 
-    def pool(self, x: Tensor) -> Tensor:
-        if self.global_pool == "":
+    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "":
             return x
-        if self.global_pool == "token":
+        if pool_type == "token":
             return x[:, 0]
-        x = x[:, self.num_prefix_tokens:]
-        if self.global_pool == "avg":
+        x = x[:, self.num_prefix_tokens :]
+        if pool_type == "avg":
             return x.mean(dim=1)
-        if self.global_pool == "max":
+        if pool_type == "max":
             return x.amax(dim=1)
         return 0.5 * (x.amax(dim=1) + x.mean(dim=1))
 
@@ -397,6 +376,14 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+_GLOBAL_POOLS = ("", "avg", "token", "max", "avgmax")
+
+
+def _check_global_pool(global_pool: str) -> None:
+    if global_pool not in _GLOBAL_POOLS:
+        raise ValueError(f"vitops ViT: unknown global_pool {global_pool!r}; choose one of {_GLOBAL_POOLS}")
 
 
 def checkpoint_filter_fn(state_dict: dict, model: VisionTransformer) -> dict:
@@ -425,7 +412,8 @@ register_pretrained_cfgs({
         _AUGREG + "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz"),
     "vit_small_patch16_224.augreg_in21k_ft_in1k": _cfg(
         _AUGREG + "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz"),
-    "vit_base_patch32_224.augreg2_in21k_ft_in1k": _cfg(),
+    "vit_base_patch32_224.augreg_in21k_ft_in1k": _cfg(
+        _AUGREG + "B_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.03-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.03-res_224.npz"),
     "vit_base_patch16_224.augreg2_in21k_ft_in1k": _cfg(),
     "vit_base_patch16_384.augreg_in21k_ft_in1k": _cfg(
         _AUGREG + "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0--imagenet2012-steps_20k-lr_0.01-res_384.npz",
@@ -436,9 +424,10 @@ register_pretrained_cfgs({
 
 
 def _create_vision_transformer(variant: str, pretrained: bool = False, model_cls=VisionTransformer, **kwargs):
+    # timm's default: the last 3 blocks, through forward_intermediates ('getter'); fewer for shallower models
+    feature_cfg = dict(out_indices=min(3, kwargs.get("depth", 12)), feature_cls="getter")
     return build_model_with_cfg(
-        model_cls, variant, pretrained, default_out_indices=min(3, kwargs.get("depth", 12)),
-        pretrained_filter_fn=checkpoint_filter_fn, **kwargs,
+        model_cls, variant, pretrained, feature_cfg=feature_cfg, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )
 
 
