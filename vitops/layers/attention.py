@@ -8,8 +8,7 @@ from torch import Tensor, nn
 from torch.jit import Final
 
 from vitops.layers.config import use_fused_ops
-from vitops.ops import attention, attention_packed
-from vitops.ops._attention import MAX_HEAD_DIM
+from vitops.ops import MAX_HEAD_DIM, attention, attention_packed
 
 # Leaves of a torch.fx trace: their argument checks can't run on proxies.
 torch.fx.wrap("attention")

@@ -1,5 +1,5 @@
 """DropPath, a drop-in for timm.layers.DropPath backed by vitops.ops.drop_path_add."""
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.fx
@@ -13,34 +13,6 @@ from vitops.ops import drop_path, drop_path_add, reference
 # trace, e.g. for vitops.reparameterize's Conv -> BatchNorm search.
 torch.fx.wrap("drop_path")
 torch.fx.wrap("drop_path_add")
-
-
-def _scripted_drop_path_add(
-    residual: Optional[Tensor],
-    branch: Tensor,
-    gamma: Optional[Tensor],
-    drop_prob: float,
-    training: bool,
-    scale_by_keep: bool,
-) -> Tensor:
-    """TorchScript's way to the fused op (vitops.ops.drop_path_add is Python that TorchScript can't compile):
-    the mask drawn by the reference as the eager path draws it, and the op's operands in the dtypes it takes."""
-    out_dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
-    if residual is not None:
-        out_dtype = torch.promote_types(residual.dtype, out_dtype)
-        residual = residual.to(out_dtype)
-    branch = branch.to(out_dtype)
-    acc = reference.accumulate_dtype(out_dtype)
-    sample_scale: Optional[Tensor] = None
-    if training and drop_prob > 0.0:
-        sample_scale = reference.sample_scale(
-            branch.shape[0], drop_prob, scale_by_keep, dtype=out_dtype, device=branch.device
-        ).to(acc)
-    elif gamma is None:
-        return branch if residual is None else residual + branch
-    if gamma is not None:
-        gamma = gamma.to(acc)
-    return torch.ops.vitops.drop_path_add(residual, branch, gamma, sample_scale)
 
 
 class DropPath(nn.Module):
@@ -59,20 +31,9 @@ class DropPath(nn.Module):
         self.scale_by_keep = scale_by_keep
         self.fused = use_fused_ops()
 
-    def _plain(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        scale = reference.sample_scale(
-            x.shape[0], self.drop_prob, self.scale_by_keep, dtype=x.dtype, device=x.device
-        )
-        shape: List[int] = [-1] + [1] * (x.ndim - 1)
-        return x * scale.view(shape)
-
     def forward(self, x: Tensor) -> Tensor:
         if not self.fused:
-            return self._plain(x)
-        if torch.jit.is_scripting():
-            return _scripted_drop_path_add(None, x, None, self.drop_prob, self.training, self.scale_by_keep)
+            return reference.drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
         return drop_path(x, self.drop_prob, self.training, self.scale_by_keep)
 
     @torch.jit.export
@@ -80,10 +41,8 @@ class DropPath(nn.Module):
         """`residual + self(branch * gamma)`; fused unless the layer was built plain. gamma: a LayerScale's
         `broadcast_gamma()`, or None."""
         if not self.fused:
-            return residual + self._plain(branch if gamma is None else branch * gamma)
-        if torch.jit.is_scripting():
-            return _scripted_drop_path_add(
-                residual, branch, gamma, self.drop_prob, self.training, self.scale_by_keep
+            return residual + reference.drop_path(
+                branch if gamma is None else branch * gamma, self.drop_prob, self.training, self.scale_by_keep
             )
         return drop_path_add(residual, branch, self.drop_prob, self.training, gamma, self.scale_by_keep)
 

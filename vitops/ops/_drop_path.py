@@ -10,6 +10,8 @@ csrc/drop_path_add.h), vitops/ops/triton/drop_path_add.py; the spec is vitops.op
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -262,7 +264,7 @@ def drop_path_add(
     if gamma is not None:
         _check_floating("drop_path_add", "gamma", gamma)
     _check_drop_prob("drop_path_add", drop_prob)
-    sample_scale = None
+    sample_scale: Optional[Tensor] = None  # annotated for TorchScript, which compiles this function as it is
     if training and drop_prob > 0.0 and branch.ndim > 0:
         scale_dtype = branch.dtype if gamma is None else torch.promote_types(branch.dtype, gamma.dtype)
         sample_scale = reference.sample_scale(

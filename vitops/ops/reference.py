@@ -2,6 +2,8 @@
 the backend of last resort ("torch")."""
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,8 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False, scale_b
     if drop_prob == 0.0 or not training:
         return x
     scale = sample_scale(x.shape[0], drop_prob, scale_by_keep, dtype=x.dtype, device=x.device)
-    return x * scale.view((-1,) + (1,) * (x.ndim - 1))
+    per_sample: List[int] = [-1] + [1] * (x.ndim - 1)  # a list, not a tuple: TorchScript compiles this function
+    return x * scale.view(per_sample)
 
 
 def sample_scale(
