@@ -3,7 +3,9 @@
 // (cuda/drop_path_add.cuh, launched from cuda/drop_path_add.cu) and their emulation on the CPU
 // (tests/cpp/elementwise_emulation.cpp):
 //  1. the per-element math and the memory-order indexing, ATen-free C10_HOST_DEVICE functions;
-//  2. the argument checks and the outputs' layout, which need ATen and which the CUDA emulation leaves out.
+//  2. the ops as each backend registers them (drop_path_add_op, drop_path_add_backward_op, given the backend's
+//     launcher): the argument checks and the outputs' layout, which need ATen and which the CUDA emulation leaves
+//     out.
 #include "rounded.h"
 
 #include <c10/macros/Macros.h>
@@ -68,8 +70,10 @@ struct DropPathAddLayout {
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 
 #include <optional>
+#include <tuple>
 #include <type_traits>
 
 namespace vitops {
@@ -187,50 +191,64 @@ inline DropPathAddLayout make_layout(const at::Tensor& out, const std::optional<
   return layout;
 }
 
-// The forward's tensors as the kernels read them: all in the output's layout.
-struct ForwardArgs {
-  at::Tensor out;
-  std::optional<at::Tensor> residual;
-  at::Tensor branch;
+// What the forward and backward kernels both read: gamma and sample_scale contiguous, and the layout they walk.
+struct GammaAndScale {
   std::optional<at::Tensor> gamma;
   std::optional<at::Tensor> sample_scale;
   DropPathAddLayout layout;
+
+  GammaAndScale(
+      const at::Tensor& walked, const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& sample_scale)
+      : gamma(contiguous_or_none(gamma)),
+        sample_scale(contiguous_or_none(sample_scale)),
+        layout(make_layout(walked, gamma)) {}
 };
 
-inline ForwardArgs prepare_forward(
+// The forward's tensors as the kernels read them: all in the output's layout.
+struct ForwardArgs : GammaAndScale {
+  at::Tensor out;
+  at::Tensor branch;
+  std::optional<at::Tensor> residual;
+};
+
+// The backward's tensors as the kernels read them, all in grad_out's layout when the kernels can walk it (else
+// contiguous). `grad_branch` is allocated (empty when not asked for); `branch` is present exactly when gamma's
+// gradient is asked for.
+struct BackwardArgs : GammaAndScale {
+  at::Tensor grad_out;
+  std::optional<at::Tensor> branch;
+  at::Tensor grad_branch;
+  bool need_branch_grad;
+  at::ScalarType accumulate;
+};
+
+// drop_path_add on one backend: the checks, the output and the inputs in its layout, then launch(args) to write
+// the output unless it is empty.
+template <void (*launch)(const ForwardArgs&)>
+at::Tensor drop_path_add_op(
     const std::optional<at::Tensor>& residual,
     const at::Tensor& branch,
     const std::optional<at::Tensor>& gamma,
     const std::optional<at::Tensor>& sample_scale) {
   check_drop_path_add(residual, branch, gamma, sample_scale);
   const auto& primary = residual.has_value() ? *residual : branch;
-  ForwardArgs args;
-  args.out = empty_in_kernel_layout(primary, primary.scalar_type());
-  args.branch = with_layout_of(branch, args.out);
-  if (residual.has_value()) {
-    args.residual = with_layout_of(*residual, args.out);
+  const at::Tensor out = empty_in_kernel_layout(primary, primary.scalar_type());
+  const ForwardArgs args{
+      {out, gamma, sample_scale},
+      out,
+      with_layout_of(branch, out),
+      residual.has_value() ? std::optional<at::Tensor>(with_layout_of(*residual, out)) : std::nullopt};
+  if (args.layout.numel > 0) {
+    launch(args);
   }
-  args.gamma = contiguous_or_none(gamma);
-  args.sample_scale = contiguous_or_none(sample_scale);
-  args.layout = make_layout(args.out, gamma);
-  return args;
+  return out;
 }
 
-// The backward's tensors as the kernels read them, all in grad_out's layout when the kernels can walk it (else
-// contiguous). `grad_branch` is allocated (empty when not asked for); `branch` is present exactly when gamma's
-// gradient is asked for.
-struct BackwardArgs {
-  at::Tensor grad_out;
-  std::optional<at::Tensor> branch;
-  std::optional<at::Tensor> gamma;
-  std::optional<at::Tensor> sample_scale;
-  at::Tensor grad_branch;
-  bool need_branch_grad;
-  at::ScalarType accumulate;
-  DropPathAddLayout layout;
-};
-
-inline BackwardArgs prepare_backward(
+// drop_path_add_backward on one backend: the checks, grad_branch and the inputs in grad_out's layout, then
+// launch(args) when there is a gradient to compute, which writes grad_branch (when asked for) and returns gamma's
+// gradient, gamma's numel values in any shape (when asked for; else anything).
+template <at::Tensor (*launch)(const BackwardArgs&)>
+std::tuple<at::Tensor, at::Tensor> drop_path_add_backward_op(
     const at::Tensor& grad_out,
     const std::optional<at::Tensor>& branch,
     const std::optional<at::Tensor>& gamma,
@@ -238,19 +256,25 @@ inline BackwardArgs prepare_backward(
     at::ScalarType branch_dtype,
     bool need_branch_grad) {
   check_drop_path_add_backward(grad_out, branch, gamma, sample_scale, branch_dtype);
-  BackwardArgs args;
-  args.need_branch_grad = need_branch_grad;
-  args.accumulate = accumulate_dtype(grad_out.scalar_type());
-  args.grad_out = is_batch_outer_dense(grad_out) ? grad_out : grad_out.contiguous();
+  const at::Tensor walked = is_batch_outer_dense(grad_out) ? grad_out : grad_out.contiguous();
   const auto branch_options = grad_out.options().dtype(branch_dtype);
-  args.grad_branch = need_branch_grad ? at::empty_like(args.grad_out, branch_options) : at::empty({0}, branch_options);
-  if (branch.has_value()) {
-    args.branch = with_layout_of(*branch, args.grad_out);
+  const BackwardArgs args{
+      {walked, gamma, sample_scale},
+      walked,
+      branch.has_value() ? std::optional<at::Tensor>(with_layout_of(*branch, walked)) : std::nullopt,
+      need_branch_grad ? at::empty_like(walked, branch_options) : at::empty({0}, branch_options),
+      need_branch_grad,
+      accumulate_dtype(grad_out.scalar_type())};
+  const bool need_gamma_grad = args.branch.has_value();
+  const auto gamma_options = grad_out.options().dtype(args.accumulate);
+  if (!need_gamma_grad) {
+    if (args.layout.numel > 0 && need_branch_grad) {
+      launch(args);
+    }
+    return {args.grad_branch, at::empty({0}, gamma_options)};
   }
-  args.gamma = contiguous_or_none(gamma);
-  args.sample_scale = contiguous_or_none(sample_scale);
-  args.layout = make_layout(args.grad_out, gamma);
-  return args;
+  const at::Tensor grad_gamma = args.layout.numel > 0 ? launch(args) : at::zeros({gamma->size(0)}, gamma_options);
+  return {args.grad_branch, grad_gamma.view(gamma->sizes())};
 }
 
 // Calls fn(out_type(), branch_type()) for the (output, branch) dtype pair; the checks above admit no other.

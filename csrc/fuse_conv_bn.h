@@ -4,9 +4,9 @@
 // (tests/cpp/elementwise_emulation.cpp):
 //  1. the per-channel math, ATen-free templates over the arithmetic type (rounded.h): the accumulate type (float;
 //     double for a double weight) on the host, its Rounded twin on the device;
-//  2. the argument checks and outputs, which need ATen and which the CUDA emulation leaves out. The Python wrapper
-//     and fake kernel in vitops/ops/fuse_conv_bn.py apply the same rules, so every backend accepts the same
-//     arguments.
+//  2. the op as each backend registers it (fuse_conv_bn_op, given the backend's launcher): the argument checks and
+//     outputs, which need ATen and which the CUDA emulation leaves out. The Python check and fake kernel in
+//     vitops/ops/_fuse_conv_bn.py apply the same rules, so every backend accepts the same arguments.
 #include "rounded.h"
 
 namespace vitops {
@@ -44,6 +44,8 @@ VITOPS_MATH T fused_conv_bias(T bias, T running_mean, T inv_std, T bn_weight, T 
 
 #include <cmath>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 namespace vitops {
 
@@ -59,7 +61,24 @@ inline void check_fuse_conv_bn_channel_tensor(
       ",), one value per output channel of weight ", weight.sizes(), ", got ", t.sizes());
 }
 
-inline void check_fuse_conv_bn(
+// The kernels' view of the arguments: contiguous tensors, and the two outputs allocated contiguous.
+struct FuseConvBnArgs {
+  at::Tensor weight;
+  std::optional<at::Tensor> bias;
+  at::Tensor running_mean;
+  at::Tensor running_var;
+  std::optional<at::Tensor> bn_weight;
+  std::optional<at::Tensor> bn_bias;
+  at::Tensor fused_weight;
+  at::Tensor fused_bias;
+  int64_t channels;
+  int64_t per_channel;  // weight elements of one output channel
+};
+
+// fuse_conv_bn on one backend: the checks and outputs, then launch(args, eps) to fill the outputs unless the
+// weight has no output channel.
+template <void (*launch)(const FuseConvBnArgs&, double)>
+std::tuple<at::Tensor, at::Tensor> fuse_conv_bn_op(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     const at::Tensor& running_mean,
@@ -87,31 +106,7 @@ inline void check_fuse_conv_bn(
       check_fuse_conv_bn_channel_tensor(name, *t, weight, acc);
     }
   }
-}
 
-// The kernels' view of the arguments: contiguous tensors, and the two outputs allocated contiguous.
-struct FuseConvBnArgs {
-  at::Tensor weight;
-  std::optional<at::Tensor> bias;
-  at::Tensor running_mean;
-  at::Tensor running_var;
-  std::optional<at::Tensor> bn_weight;
-  std::optional<at::Tensor> bn_bias;
-  at::Tensor fused_weight;
-  at::Tensor fused_bias;
-  int64_t channels;
-  int64_t per_channel;  // weight elements of one output channel
-};
-
-inline FuseConvBnArgs prepare_fuse_conv_bn(
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias,
-    double eps) {
-  check_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps);
   FuseConvBnArgs args;
   args.weight = weight.contiguous();
   args.bias = contiguous_or_none(bias);
@@ -123,7 +118,10 @@ inline FuseConvBnArgs prepare_fuse_conv_bn(
   args.per_channel = args.channels == 0 ? 0 : weight.numel() / args.channels;
   args.fused_weight = at::empty(weight.sizes(), weight.options());
   args.fused_bias = at::empty({args.channels}, weight.options());
-  return args;
+  if (args.channels > 0) {
+    launch(args, eps);
+  }
+  return {args.fused_weight, args.fused_bias};
 }
 
 }  // namespace vitops

@@ -10,6 +10,29 @@ if not torch.cuda.is_available():
 
 from vitops import _backend  # noqa: E402  (after TRITON_INTERPRET is set)
 
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # a test dependency: only the property-based tests (tests/fuzz) need it, and skip without it
+    settings = None
+if settings is not None:
+    # The property-based tests (tests/fuzz) size their budgets from the profile's max_examples
+    # (tests/fuzz/harness.py: examples). "ci", the default, is deterministic and fits CI's 2 cores in ~4 minutes;
+    # `pytest tests/fuzz --hypothesis-profile=thorough` draws 25x as many new cases and keeps the failures it
+    # finds in .hypothesis/ (git-ignored) to replay first next time. Registered here, not in tests/fuzz, because
+    # --hypothesis-profile is read before the conftest files below tests/ are.
+    _slow_is_fine = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+    # No shrinking in "ci": under Triton's interpreter shrinking one failure can take longer than the whole budget;
+    # the failing example is printed as drawn (the thorough profile shrinks).
+    settings.register_profile(
+        "ci", max_examples=20, derandomize=True, database=None, deadline=None, print_blob=True,
+        suppress_health_check=_slow_is_fine, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+    )  # fmt: skip
+    settings.register_profile(
+        "thorough", max_examples=500, deadline=None, print_blob=True, suppress_health_check=_slow_is_fine
+    )
+    if settings.get_current_profile_name() == "default":  # not when --hypothesis-profile chose one (this module
+        settings.load_profile("ci")  # is imported a second time, as tests.conftest, after pytest has read it)
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

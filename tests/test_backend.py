@@ -136,3 +136,10 @@ def test_missing_extension_falls_back(tmp_path):
     backend, error = result.stdout.strip().splitlines()
     assert backend == "torch"
     assert error.startswith("failed to load") or error.startswith("not built")
+
+
+def test_availability_is_public_and_says_why():
+    table = vitops.availability()
+    assert table["drop_path_add"]["cpu"]["cpu"] is None  # the compiled CPU kernel runs (the build has it)
+    assert "none is written" in table["attention"]["cpu"]["cpu"]
+    assert set(table["lamb_moments"]) == {"cpu", "cuda"}

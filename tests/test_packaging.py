@@ -30,7 +30,7 @@ from vitops.optim import Lamb
 target = Path(sys.argv[1]).resolve()
 for module in (vitops, vitops._C):
     assert Path(module.__file__).resolve().is_relative_to(target), f"{module.__name__} from {module.__file__}"
-for op in ("drop_path_add", "fuse_conv_bn", "lamb_step"):
+for op in ("drop_path_add", "fuse_conv_bn", "lamb_moments"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vitops::{op}", "CPU"), f"no compiled CPU {op}"
 
 torch.manual_seed(0)

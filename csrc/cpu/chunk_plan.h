@@ -1,5 +1,5 @@
 #pragma once
-// How the fused optimizer steps cut a step's tensors into chunks, for the CPU kernels (multi_tensor.h) and the
+// How the optimizer ops cut a step's tensors into chunks, for the CPU kernels (multi_tensor.h) and the
 // CUDA ones (csrc/cuda/multi_tensor_kernels.cuh) alike. Plain C++: no ATen, so the CUDA kernels' CPU emulation
 // (tests/cpp/optim_emulation.cpp) builds the same tables.
 //
@@ -12,6 +12,10 @@
 #include <vector>
 
 namespace vitops {
+
+// The element type of a param or grad, for kernels that take raw pointers.
+enum Dtype : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
 namespace cpu {
 
 constexpr int64_t kChunk = 1 << 14;

@@ -148,13 +148,13 @@ inline void with_flags(const Fn& fn, bool flag, Flags... flags) {
 }
 
 template <typename out_t, typename branch_t, typename acc_t>
-void forward_kernel(
-    const out_t* residual,
-    const branch_t* branch,
-    const acc_t* gamma,
-    const acc_t* scale,
-    out_t* out,
-    const DropPathAddLayout& layout) {
+void forward_kernel(const ForwardArgs& args) {
+  const out_t* residual = data_or_null<out_t>(args.residual);
+  const branch_t* branch = args.branch.const_data_ptr<branch_t>();
+  const acc_t* gamma = data_or_null<acc_t>(args.gamma);
+  const acc_t* scale = data_or_null<acc_t>(args.sample_scale);
+  out_t* out = args.out.mutable_data_ptr<out_t>();
+  const DropPathAddLayout& layout = args.layout;
   constexpr bool kCanStream = kStreamable<out_t, branch_t>;
   const bool streaming = use_streaming_stores<out_t, branch_t>(layout.numel);
   parallel_over_chunks(layout.numel, [&](int64_t, int64_t begin, int64_t end) {
@@ -219,15 +219,15 @@ inline acc_t sum_of_gamma_grads(const out_t* __restrict__ go, const branch_t* __
   return sum;
 }
 
+// gamma_partials: [num_chunks, channels], zero-filled; null when gamma's gradient is not asked for.
 template <typename out_t, typename branch_t, typename acc_t>
-void backward_kernel(
-    const out_t* grad_out,
-    const branch_t* branch,
-    const acc_t* gamma,
-    const acc_t* scale,
-    branch_t* grad_branch,
-    acc_t* gamma_partials,  // [num_chunks, channels], zero-filled; null when not needed
-    const DropPathAddLayout& layout) {
+void backward_kernel(const BackwardArgs& args, acc_t* gamma_partials) {
+  const out_t* grad_out = args.grad_out.const_data_ptr<out_t>();
+  const branch_t* branch = data_or_null<branch_t>(args.branch);
+  const acc_t* gamma = data_or_null<acc_t>(args.gamma);
+  const acc_t* scale = data_or_null<acc_t>(args.sample_scale);
+  branch_t* grad_branch = args.need_branch_grad ? args.grad_branch.mutable_data_ptr<branch_t>() : nullptr;
+  const DropPathAddLayout& layout = args.layout;
   constexpr bool kCanStream = kStreamable<out_t, branch_t>;
   const bool streaming = use_streaming_stores<out_t, branch_t>(layout.numel);
   parallel_over_chunks(layout.numel, [&](int64_t chunk, int64_t begin, int64_t end) {
@@ -267,63 +267,35 @@ void backward_kernel(
   });
 }
 
-at::Tensor drop_path_add_cpu(
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& branch,
-    const std::optional<at::Tensor>& gamma,
-    const std::optional<at::Tensor>& sample_scale) {
-  auto args = prepare_forward(residual, branch, gamma, sample_scale);
-  if (args.layout.numel == 0) {
-    return args.out;
-  }
+void launch_forward(const ForwardArgs& args) {
   dispatch_pair(args.out.scalar_type(), args.branch.scalar_type(), [&](auto out_v, auto branch_v) {
     using out_t = decltype(out_v);
-    using branch_t = decltype(branch_v);
-    using acc_t = at::opmath_type<out_t>;
-    forward_kernel<out_t, branch_t, acc_t>(
-        data_or_null<out_t>(args.residual), args.branch.const_data_ptr<branch_t>(),
-        data_or_null<acc_t>(args.gamma), data_or_null<acc_t>(args.sample_scale),
-        args.out.mutable_data_ptr<out_t>(), args.layout);
+    forward_kernel<out_t, decltype(branch_v), at::opmath_type<out_t>>(args);
   });
-  return args.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> drop_path_add_backward_cpu(
-    const at::Tensor& grad_out,
-    const std::optional<at::Tensor>& branch,
-    const std::optional<at::Tensor>& gamma,
-    const std::optional<at::Tensor>& sample_scale,
-    at::ScalarType branch_dtype,
-    bool need_branch_grad) {
-  auto args = prepare_backward(grad_out, branch, gamma, sample_scale, branch_dtype, need_branch_grad);
+// Returns gamma's gradient when asked for: the per-chunk partial sums, summed in chunk order.
+at::Tensor launch_backward(const BackwardArgs& args) {
   const bool need_gamma_grad = args.branch.has_value();
   const int64_t num_chunks = (args.layout.numel + kChunk - 1) / kChunk;
-  at::Tensor partials = need_gamma_grad
-      ? at::zeros({num_chunks, args.layout.channels}, grad_out.options().dtype(args.accumulate))
+  const at::Tensor partials = need_gamma_grad
+      ? at::zeros({num_chunks, args.layout.channels}, args.grad_out.options().dtype(args.accumulate))
       : at::Tensor();
-  if (args.layout.numel > 0 && (need_branch_grad || need_gamma_grad)) {
-    dispatch_pair(args.grad_out.scalar_type(), branch_dtype, [&](auto out_v, auto branch_v) {
-      using out_t = decltype(out_v);
-      using branch_t = decltype(branch_v);
-      using acc_t = at::opmath_type<out_t>;
-      backward_kernel<out_t, branch_t, acc_t>(
-          args.grad_out.const_data_ptr<out_t>(), data_or_null<branch_t>(args.branch),
-          data_or_null<acc_t>(args.gamma), data_or_null<acc_t>(args.sample_scale),
-          need_branch_grad ? args.grad_branch.mutable_data_ptr<branch_t>() : nullptr,
-          need_gamma_grad ? partials.mutable_data_ptr<acc_t>() : nullptr, args.layout);
-    });
-  }
-  at::Tensor grad_gamma = need_gamma_grad ? at::sum(partials, 0).view(gamma->sizes())
-                                          : at::empty({0}, grad_out.options().dtype(args.accumulate));
-  return {args.grad_branch, grad_gamma};
+  dispatch_pair(args.grad_out.scalar_type(), args.grad_branch.scalar_type(), [&](auto out_v, auto branch_v) {
+    using out_t = decltype(out_v);
+    using acc_t = at::opmath_type<out_t>;
+    acc_t* gamma_partials = need_gamma_grad ? partials.mutable_data_ptr<acc_t>() : nullptr;
+    backward_kernel<out_t, decltype(branch_v), acc_t>(args, gamma_partials);
+  });
+  return need_gamma_grad ? at::sum(partials, 0) : at::Tensor();
 }
 
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(vitops, CPU, m) {
-  m.impl("drop_path_add", &cpu::drop_path_add_cpu);
-  m.impl("drop_path_add_backward", &cpu::drop_path_add_backward_cpu);
+  m.impl("drop_path_add", &drop_path_add_op<cpu::launch_forward>);
+  m.impl("drop_path_add_backward", &drop_path_add_backward_op<cpu::launch_backward>);
 }
 
 }  // namespace vitops

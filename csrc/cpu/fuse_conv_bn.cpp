@@ -41,29 +41,18 @@ void fuse_conv_bn_kernel(const FuseConvBnArgs& args, acc_t eps) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> fuse_conv_bn_cpu(
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias,
-    double eps) {
-  auto args = prepare_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps);
-  if (args.channels > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vitops::fuse_conv_bn", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      fuse_conv_bn_kernel<scalar_t, acc_t>(args, static_cast<acc_t>(eps));
-    });
-  }
-  return {args.fused_weight, args.fused_bias};
+void launch_fuse_conv_bn(const FuseConvBnArgs& args, double eps) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.weight.scalar_type(), "vitops::fuse_conv_bn", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    fuse_conv_bn_kernel<scalar_t, acc_t>(args, static_cast<acc_t>(eps));
+  });
 }
 
 }  // namespace
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(vitops, CPU, m) {
-  m.impl("fuse_conv_bn", &cpu::fuse_conv_bn_cpu);
+  m.impl("fuse_conv_bn", &fuse_conv_bn_op<cpu::launch_fuse_conv_bn>);
 }
 
 }  // namespace vitops

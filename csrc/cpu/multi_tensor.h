@@ -1,22 +1,19 @@
 #pragma once
-// CPU multi-tensor apply for the fused optimizer steps: every tensor of a step is cut into chunks of about
-// kChunk elements (chunk_plan.h), and one at::parallel_for runs over the chunks of all tensors at once, so small
-// tensors (biases, norms) cost no extra parallel region. Partial sums are added up row by row in a fixed order,
-// so the results do not depend on the number of threads.
+// CPU multi-tensor apply for the optimizer ops: every tensor of a step is cut into chunks of about kChunk elements
+// (chunk_plan.h), and one at::parallel_for runs over the chunks of all tensors at once, so small tensors (biases,
+// norms) cost no parallel region of their own. Partial sums are added up row by row in a fixed order, so the
+// results do not depend on the number of threads.
 #include "chunk_plan.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdint>
 #include <vector>
 
 namespace vitops {
 namespace cpu {
-
-constexpr int kLanes = 8;
 
 // Calls fn(chunk, begin, end, slot) for each row segment of each chunk, in parallel over chunks.
 template <typename Fn>
@@ -48,52 +45,22 @@ inline std::vector<double> reduce_slots(const ChunkPlan& plan, const std::vector
   return row_sums;
 }
 
-// Two-pass steps run pass 1 and pass 2 per group of consecutive tensors of at most VITOPS_OPTIM_CACHE_GROUP
-// elements (default 2^18; a larger tensor is a group of its own; 0: one group), so that pass 2 re-reads what
-// pass 1 just touched, and the direction it saved, from the cache.
-inline int64_t cache_group_elements() {
-  static const int64_t value = [] {
-    const char* env = std::getenv("VITOPS_OPTIM_CACHE_GROUP");
-    return env ? std::atoll(env) : int64_t(1) << 18;
-  }();
-  return value;
+// The plan of tensors whose sums are taken over rows[t] rows each.
+inline ChunkPlan plan_for(at::TensorList tensors, const std::vector<int64_t>& rows) {
+  std::vector<int64_t> numel;
+  for (const auto& t : tensors) {
+    numel.push_back(t.numel());
+  }
+  return make_chunk_plan(numel, rows);
 }
 
-template <typename Fn>
-inline void for_each_cache_group(at::TensorList tensors, const Fn& fn) {
-  const int64_t budget = cache_group_elements();
-  size_t first = 0;
-  int64_t total = 0;
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const int64_t n = tensors[t].numel();
-    if (t > first && budget > 0 && total + n > budget) {
-      fn(first, t - first);
-      first = t;
-      total = 0;
-    }
-    total += n;
-  }
-  if (first < tensors.size()) {
-    fn(first, tensors.size() - first);
-  }
+// Element `offset` of a contiguous tensor, as an untyped pointer.
+inline void* element_ptr(const at::Tensor& t, int64_t offset) {
+  return static_cast<char*>(t.data_ptr()) + offset * t.element_size();
 }
 
-// A float buffer of at least n elements, kept per calling thread between steps (no allocation per step).
-inline float* scratch_buffer(int64_t n) {
-  static thread_local std::vector<float> buffer;
-  if (int64_t(buffer.size()) < n) {
-    buffer.resize(size_t(n));
-  }
-  return buffer.data();
-}
-
-inline float load_float(float x) { return x; }
-inline float load_float(c10::Half x) { return static_cast<float>(x); }
-inline float load_float(c10::BFloat16 x) { return static_cast<float>(x); }
-
-template <typename T>
-inline T store_as(float x) {
-  return static_cast<T>(x);
+inline const void* const_element_ptr(const at::Tensor& t, int64_t offset) {
+  return static_cast<const char*>(t.const_data_ptr()) + offset * t.element_size();
 }
 
 }  // namespace cpu

@@ -5,7 +5,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -28,7 +27,7 @@ unsigned grid_size(const LaunchPlan& plan) {
 }
 
 template <typename out_t, typename branch_t, int VEC>
-void launch_forward(const ForwardArgs& args, const LaunchPlan& plan) {
+void launch_forward_kernel(const ForwardArgs& args, const LaunchPlan& plan) {
   using acc_t = at::opmath_type<out_t>;
   drop_path_add_forward_kernel<out_t, branch_t, acc_t, VEC>
       <<<grid_size(plan), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -38,33 +37,23 @@ void launch_forward(const ForwardArgs& args, const LaunchPlan& plan) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor drop_path_add_cuda(
-    const std::optional<at::Tensor>& residual,
-    const at::Tensor& branch,
-    const std::optional<at::Tensor>& gamma,
-    const std::optional<at::Tensor>& sample_scale) {
-  const c10::cuda::CUDAGuard device_guard(branch.device());
-  auto args = prepare_forward(residual, branch, gamma, sample_scale);
-  if (args.layout.numel == 0) {
-    return args.out;
-  }
+void launch_forward(const ForwardArgs& args) {
+  const c10::cuda::CUDAGuard device_guard(args.out.device());
   dispatch_pair(args.out.scalar_type(), args.branch.scalar_type(), [&](auto out_v, auto branch_v) {
     using out_t = decltype(out_v);
     using branch_t = decltype(branch_v);
-    constexpr int kVec = 16 / sizeof(branch_t);
-    const int vec = pick_vec<branch_t>(
-        args.layout,
-        {{args.residual ? args.residual->const_data_ptr() : nullptr, int(sizeof(out_t))},
-         {args.branch.const_data_ptr(), int(sizeof(branch_t))},
-         {args.out.const_data_ptr(), int(sizeof(out_t))}});
+    const int vec = forward_vec<out_t, branch_t>(
+        args.layout, args.residual ? args.residual->const_data_ptr() : nullptr, args.branch.const_data_ptr(),
+        args.out.const_data_ptr());
     const auto plan = make_plan(args.layout, vec, resident_threads());
-    with_vec<kVec>(vec, [&](auto lanes) { launch_forward<out_t, branch_t, decltype(lanes)::value>(args, plan); });
+    with_vec<branch_t>(vec, [&](auto lanes) {
+      launch_forward_kernel<out_t, branch_t, decltype(lanes)::value>(args, plan);
+    });
   });
-  return args.out;
 }
 
 template <typename out_t, typename branch_t, int VEC>
-void launch_backward(const BackwardArgs& args, const LaunchPlan& plan, const at::Tensor& partials) {
+void launch_backward_kernel(const BackwardArgs& args, const LaunchPlan& plan, const at::Tensor& partials) {
   using acc_t = at::opmath_type<out_t>;
   drop_path_add_backward_kernel<out_t, branch_t, acc_t, VEC>
       <<<grid_size(plan), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -86,58 +75,40 @@ at::Tensor reduce_partials(const at::Tensor& partials, const LaunchPlan& plan, c
   return partials.view({-1, L.channels, L.inner / vec}).sum(at::IntArrayRef{0, 2});
 }
 
-std::tuple<at::Tensor, at::Tensor> drop_path_add_backward_cuda(
-    const at::Tensor& grad_out,
-    const std::optional<at::Tensor>& branch,
-    const std::optional<at::Tensor>& gamma,
-    const std::optional<at::Tensor>& sample_scale,
-    at::ScalarType branch_dtype,
-    bool need_branch_grad) {
-  const c10::cuda::CUDAGuard device_guard(grad_out.device());
-  auto args = prepare_backward(grad_out, branch, gamma, sample_scale, branch_dtype, need_branch_grad);
+// Returns gamma's gradient when asked for.
+at::Tensor launch_backward(const BackwardArgs& args) {
+  const c10::cuda::CUDAGuard device_guard(args.grad_out.device());
   const bool need_gamma_grad = args.branch.has_value();
-  at::Tensor grad_gamma = at::empty({0}, grad_out.options().dtype(args.accumulate));
-  if (!need_branch_grad && !need_gamma_grad) {
-    return {args.grad_branch, grad_gamma};
-  }
-  if (args.layout.numel == 0) {
-    if (need_gamma_grad) {
-      grad_gamma = at::zeros(gamma->sizes(), grad_out.options().dtype(args.accumulate));
-    }
-    return {args.grad_branch, grad_gamma};
-  }
-  dispatch_pair(args.grad_out.scalar_type(), branch_dtype, [&](auto out_v, auto branch_v) {
+  at::Tensor grad_gamma;
+  dispatch_pair(args.grad_out.scalar_type(), args.grad_branch.scalar_type(), [&](auto out_v, auto branch_v) {
     using out_t = decltype(out_v);
     using branch_t = decltype(branch_v);
-    constexpr int kVec = 16 / sizeof(branch_t);
-    const int vec = pick_vec<branch_t>(
-        args.layout,
-        {{args.grad_out.const_data_ptr(), int(sizeof(out_t))},
-         {args.branch ? args.branch->const_data_ptr() : nullptr, int(sizeof(branch_t))},
-         {need_branch_grad ? args.grad_branch.const_data_ptr() : nullptr, int(sizeof(branch_t))}});
+    const int vec = backward_vec<out_t, branch_t>(
+        args.layout, args.grad_out.const_data_ptr(), args.branch ? args.branch->const_data_ptr() : nullptr,
+        args.need_branch_grad ? args.grad_branch.const_data_ptr() : nullptr);
     // Fewer threads than the forward: each one writes its partial sums of gamma's gradient.
     const auto plan = make_plan(args.layout, vec, resident_threads() / 2);
     at::Tensor partials;
     if (need_gamma_grad) {
       const int64_t count = plan.channel_per_lane ? plan.threads * vec : plan.threads;
-      partials = at::empty({count}, grad_out.options().dtype(args.accumulate));
+      partials = at::empty({count}, args.grad_out.options().dtype(args.accumulate));
     }
-    with_vec<kVec>(vec, [&](auto lanes) {
-      launch_backward<out_t, branch_t, decltype(lanes)::value>(args, plan, partials);
+    with_vec<branch_t>(vec, [&](auto lanes) {
+      launch_backward_kernel<out_t, branch_t, decltype(lanes)::value>(args, plan, partials);
     });
     if (need_gamma_grad) {
-      grad_gamma = reduce_partials(partials, plan, args.layout, vec).view(gamma->sizes());
+      grad_gamma = reduce_partials(partials, plan, args.layout, vec);
     }
   });
-  return {args.grad_branch, grad_gamma};
+  return grad_gamma;
 }
 
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
-  m.impl("drop_path_add", &cuda::drop_path_add_cuda);
-  m.impl("drop_path_add_backward", &cuda::drop_path_add_backward_cuda);
+  m.impl("drop_path_add", &drop_path_add_op<cuda::launch_forward>);
+  m.impl("drop_path_add_backward", &drop_path_add_backward_op<cuda::launch_backward>);
 }
 
 }  // namespace vitops

@@ -41,11 +41,15 @@ inline bool is_aligned(const void* p, int bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
-// The vector width the tensors allow: 16 bytes of the narrowest type, or 1. `pointers` lists each tensor's data
-// (null for an absent one) with its element size.
+// The kernels' vector width: 16 bytes of the branch, the narrowest type.
+template <typename branch_t>
+constexpr int kVec = 16 / sizeof(branch_t);
+
+// The vector width the tensors allow: kVec<branch_t>, or 1. `pointers` lists each tensor's data (null for an absent
+// one) with its element size.
 template <typename branch_t>
 inline int pick_vec(const DropPathAddLayout& L, std::initializer_list<std::pair<const void*, int>> pointers) {
-  constexpr int vec = 16 / sizeof(branch_t);
+  constexpr int vec = kVec<branch_t>;
   bool ok = L.per_sample % vec == 0;
   if (L.channels > 1) {
     ok = ok && (L.inner == 1 ? L.channels % vec == 0 : L.inner % vec == 0);
@@ -54,6 +58,20 @@ inline int pick_vec(const DropPathAddLayout& L, std::initializer_list<std::pair<
     ok = ok && (ptr == nullptr || is_aligned(ptr, elem_bytes * vec));
   }
   return ok ? vec : 1;
+}
+
+// The forward's vector width: what residual (null without one), branch and out allow.
+template <typename out_t, typename branch_t>
+inline int forward_vec(const DropPathAddLayout& L, const void* residual, const void* branch, const void* out) {
+  return pick_vec<branch_t>(
+      L, {{residual, int(sizeof(out_t))}, {branch, int(sizeof(branch_t))}, {out, int(sizeof(out_t))}});
+}
+
+// The backward's: what grad_out, branch and grad_branch (each null when absent) allow.
+template <typename out_t, typename branch_t>
+inline int backward_vec(const DropPathAddLayout& L, const void* grad_out, const void* branch, const void* grad_branch) {
+  return pick_vec<branch_t>(
+      L, {{grad_out, int(sizeof(out_t))}, {branch, int(sizeof(branch_t))}, {grad_branch, int(sizeof(branch_t))}});
 }
 
 // About `target_threads` threads (at least one per vector of gamma's period), each striding by a multiple of
@@ -76,11 +94,11 @@ inline LaunchPlan make_plan(const DropPathAddLayout& L, int vec, int64_t target_
 }
 
 // Calls fn(std::integral_constant<int, VEC>()) with the vector width pick_vec chose: the kernels are built for
-// 16-byte vectors (kVec lanes) and for single elements.
-template <int kVec, typename Fn>
+// kVec<branch_t> lanes and for single elements.
+template <typename branch_t, typename Fn>
 inline void with_vec(int vec, const Fn& fn) {
-  if (vec == kVec) {
-    fn(std::integral_constant<int, kVec>());
+  if (vec == kVec<branch_t>) {
+    fn(std::integral_constant<int, kVec<branch_t>>());
   } else {
     fn(std::integral_constant<int, 1>());
   }
@@ -126,12 +144,8 @@ __device__ __forceinline__ void load_gamma(const acc_t* gamma, const LaunchPlan&
 
 template <typename out_t, typename branch_t, typename acc_t, int VEC>
 __global__ void drop_path_add_forward_kernel(
-    const out_t* __restrict__ residual,
-    const branch_t* __restrict__ branch,
-    const acc_t* __restrict__ gamma,
-    const acc_t* __restrict__ scale,
-    out_t* __restrict__ out,
-    LaunchPlan plan) {
+    const out_t* __restrict__ residual, const branch_t* __restrict__ branch, const acc_t* __restrict__ gamma,
+    const acc_t* __restrict__ scale, out_t* __restrict__ out, LaunchPlan plan) {
   const int64_t thread = global_thread_index();
   if (thread >= plan.threads) return;
   using R = Rounded<acc_t>;
@@ -169,12 +183,8 @@ __global__ void drop_path_add_forward_kernel(
 // (i / (inner / VEC)) % channels).
 template <typename out_t, typename branch_t, typename acc_t, int VEC>
 __global__ void drop_path_add_backward_kernel(
-    const out_t* __restrict__ grad_out,
-    const branch_t* __restrict__ branch,
-    const acc_t* __restrict__ gamma,
-    const acc_t* __restrict__ scale,
-    branch_t* __restrict__ grad_branch,
-    acc_t* __restrict__ gamma_partials,
+    const out_t* __restrict__ grad_out, const branch_t* __restrict__ branch, const acc_t* __restrict__ gamma,
+    const acc_t* __restrict__ scale, branch_t* __restrict__ grad_branch, acc_t* __restrict__ gamma_partials,
     LaunchPlan plan) {
   using R = Rounded<acc_t>;
   const int64_t thread = global_thread_index();

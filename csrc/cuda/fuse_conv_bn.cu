@@ -14,23 +14,12 @@ namespace vitops {
 namespace cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> fuse_conv_bn_cuda(
-    const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias,
-    const at::Tensor& running_mean,
-    const at::Tensor& running_var,
-    const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias,
-    double eps) {
-  const c10::cuda::CUDAGuard device_guard(weight.device());
-  auto args = prepare_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps);
-  if (args.channels == 0) {
-    return {args.fused_weight, args.fused_bias};
-  }
+void launch_fuse_conv_bn(const FuseConvBnArgs& args, double eps) {
+  const c10::cuda::CUDAGuard device_guard(args.weight.device());
   VITOPS_CHECK(
       args.channels <= std::numeric_limits<int32_t>::max(), "fuse_conv_bn", "weight has ", args.channels,
       " output channels; the CUDA kernel takes at most 2^31 - 1");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "vitops::fuse_conv_bn", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.weight.scalar_type(), "vitops::fuse_conv_bn", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto blocks = static_cast<unsigned>(args.channels);
     fuse_conv_bn_kernel<scalar_t, acc_t>
@@ -42,14 +31,13 @@ std::tuple<at::Tensor, at::Tensor> fuse_conv_bn_cuda(
             args.per_channel, static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {args.fused_weight, args.fused_bias};
 }
 
 }  // namespace
 }  // namespace cuda
 
 TORCH_LIBRARY_IMPL(vitops, CUDA, m) {
-  m.impl("fuse_conv_bn", &cuda::fuse_conv_bn_cuda);
+  m.impl("fuse_conv_bn", &fuse_conv_bn_op<cuda::launch_fuse_conv_bn>);
 }
 
 }  // namespace vitops

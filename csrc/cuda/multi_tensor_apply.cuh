@@ -1,5 +1,5 @@
 #pragma once
-// Host side of multi-tensor apply for the fused optimizer steps on CUDA (multi_tensor_kernels.cuh has the
+// Host side of multi-tensor apply for the optimizer ops on CUDA (multi_tensor_kernels.cuh has the
 // device side): the tensor and chunk tables go to the device in one asynchronous copy from pinned memory, so
 // there is no host sync anywhere in the step.
 #include "../optim.h"
@@ -16,20 +16,20 @@
 namespace vitops {
 namespace cuda {
 
+// An optional float32 argument (grad_sq_sum, found_inf) as the kernels take it: its data, or null without one.
+inline const float* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<float>() : nullptr;
+}
+
 struct DevicePlan {
   at::Tensor storage;  // keeps the device tables alive for the launches
   PlanView view;
 };
 
-inline int32_t dtype_code(at::ScalarType t) {
-  return t == at::kFloat ? kF32 : t == at::kHalf ? kF16 : kBF16;
-}
-
-// `fill(t, meta)` sets the op-specific fields of tensor t's entry.
+// The plan of `params` (rows[t] rows each), on their device. Entry t gets params[t]'s pointer and dtype; `fill(t,
+// meta)` sets the rest an op needs (grads, moments, per-tensor constants).
 template <typename Fill>
-DevicePlan upload_plan(
-    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-    const std::vector<int64_t>& rows, const Fill& fill) {
+DevicePlan upload_plan(at::TensorList params, const std::vector<int64_t>& rows, const Fill& fill) {
   const size_t n = params.size();
   std::vector<int64_t> numel(n);
   for (size_t t = 0; t < n; ++t) {
@@ -39,9 +39,6 @@ DevicePlan upload_plan(
   for (size_t t = 0; t < n; ++t) {
     TensorMeta& meta = tables.tensors[t];
     meta.p = params[t].data_ptr();
-    meta.g = grads[t].const_data_ptr();
-    meta.m = exp_avgs[t].mutable_data_ptr<float>();
-    meta.v = exp_avg_sqs[t].mutable_data_ptr<float>();
     meta.dtype = dtype_code(params[t].scalar_type());
     fill(t, meta);
   }

@@ -1,12 +1,13 @@
 #pragma once
-// Device side of multi-tensor apply for the fused optimizer steps, and the host tables it runs on. One launch
-// covers every tensor of a step: block b works on chunk b (csrc/cpu/chunk_plan.h: whole rows or a piece of one
-// row). Reductions (LAMB's norms, AdamP's per-row dot products) are written per row segment to their own slot,
-// then summed per row in a fixed order by a finalize kernel: deterministic, and no atomics.
+// Device side of multi-tensor apply for the optimizer ops, and the host tables it runs on. One launch covers every
+// tensor of a step: block b works on chunk b (csrc/cpu/chunk_plan.h: whole rows or a piece of one row).
+// Reductions (LAMB's norms, AdamP's per-row dot products) are written per row segment to their own slot, then
+// summed per row in a fixed order by a finalize kernel: deterministic, and no atomics.
 //
-// No ATen here: with VITOPS_EMULATE_CUDA defined, this and the kernels built on it (lamb_kernels.cuh,
-// adamp_kernels.cuh) compile as plain C++ for the CPU emulation in tests/cpp/optim_emulation.cpp.
+// No ATen here: this and the kernels built on it (lamb.cuh, adamp.cuh) also compile as plain C++ for the CPU
+// emulation in tests/cpp/optim_emulation.cpp.
 #include "../cpu/chunk_plan.h"
+#include "../rounded.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -21,8 +22,6 @@ namespace cuda {
 constexpr int kThreads = 256;
 constexpr int64_t kCudaChunk = 1 << 13;
 
-enum Dtype : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
 struct TensorMeta {
   void* p;
   const void* g;
@@ -32,9 +31,10 @@ struct TensorMeta {
   int64_t row_len;
   int64_t rows;
   int64_t row_base;   // global index of the tensor's first row
-  int32_t dtype;
-  int32_t flag;       // op-specific (AdamP: projectable)
-  float f0, f1;       // op-specific per-tensor constants
+  int64_t full_numel;  // over all ranks, for sharded params (AdamP's layer-wise test)
+  int32_t dtype;       // Dtype
+  int32_t flag;        // op-specific (AdamP: projectable)
+  float f0, f1;        // op-specific per-tensor constants
 };
 
 struct ChunkMeta {
@@ -42,6 +42,7 @@ struct ChunkMeta {
   int64_t begin;
   int64_t end;
   int64_t slot;
+  int64_t row;  // global index of the row of its first segment
 };
 
 // The tables as kernels take them. row_slots[r] .. row_slots[r + 1] are the slots of global row r.
@@ -71,11 +72,11 @@ inline PlanTables plan_tables(const std::vector<int64_t>& numel, const std::vect
   out.tensors.resize(numel.size());
   for (size_t t = 0; t < numel.size(); ++t) {
     out.tensors[t] = TensorMeta{nullptr, nullptr, nullptr, nullptr, numel[t], plan.row_len[t], rows[t],
-                                plan.row_base[t], kF32, 0, 0.f, 0.f};
+                                plan.row_base[t], numel[t], kF32, 0, 0.f, 0.f};
   }
   out.chunks.reserve(plan.chunks.size());
   for (const auto& c : plan.chunks) {
-    out.chunks.push_back({c.tensor, c.begin, c.end, c.slot});
+    out.chunks.push_back({c.tensor, c.begin, c.end, c.slot, plan.slot_row[c.slot]});
   }
   out.num_slots = int64_t(plan.slot_row.size());
   out.total_rows = plan.total_rows;
@@ -88,13 +89,6 @@ inline PlanTables plan_tables(const std::vector<int64_t>& numel, const std::vect
   }
   return out;
 }
-
-// IEEE-rounded arithmetic, never contracted into FMAs: the operations of the CPU kernels, in their order.
-__device__ __forceinline__ float fadd(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ float fsub(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ float fmul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ float fdiv(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ float fsqrt(float a) { return __fsqrt_rn(a); }
 
 template <typename T>
 __device__ __forceinline__ float load_as_float(const void* base, int64_t i) {
@@ -135,19 +129,41 @@ __device__ __forceinline__ void block_sum(float (&vals)[N], float* shared) {
   __syncthreads();
 }
 
-// Calls body(t, begin, end, slot) for each row segment of this block's chunk; the whole block calls it
-// together (body may use block_sum).
+// Calls body(t, begin, end, slot, row) for each row segment of this block's chunk; the whole block calls it
+// together (body may use block_sum). A chunk is whole rows, or a piece of one row when rows are longer than a
+// chunk (chunk_plan.h): no division to find where a row ends, whose 64-bit slow path would cost a stack frame.
 template <typename Body>
 __device__ __forceinline__ void for_each_block_segment(const PlanView& plan, const Body& body) {
   const ChunkMeta c = plan.chunks[blockIdx.x];
   const TensorMeta& t = plan.tensors[c.tensor];
-  int64_t pos = c.begin;
-  int64_t slot = c.slot;
-  while (pos < c.end) {
-    const int64_t seg_end = min(c.end, (pos / t.row_len + 1) * t.row_len);
-    body(t, pos, seg_end, slot);
-    ++slot;
-    pos = seg_end;
+  const int64_t step = t.row_len > kCudaChunk ? c.end - c.begin : t.row_len;
+  int64_t slot = c.slot, row = c.row;
+  for (int64_t pos = c.begin; pos < c.end; pos += step, ++slot, ++row) {
+    body(t, pos, min(c.end, pos + step), slot, row);
+  }
+}
+
+// Whether the step is skipped (skip_nonfinite): found_inf, nullptr without one, read on the device. A skipped
+// step's kernels write no element and sum none.
+__device__ __forceinline__ bool step_skipped(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.f;
+}
+
+// out[r, :] = the WIDTH partial sums of row r's slots, added in slot order (one thread per row).
+template <int WIDTH>
+__global__ void row_sums_kernel(PlanView plan, const float* partials, float* out) {
+  const int64_t row = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= plan.total_rows) {
+    return;
+  }
+  double sums[WIDTH] = {};
+  for (int64_t s = plan.row_slots[row]; s < plan.row_slots[row + 1]; ++s) {
+    for (int k = 0; k < WIDTH; ++k) {
+      sums[k] += partials[WIDTH * s + k];
+    }
+  }
+  for (int k = 0; k < WIDTH; ++k) {
+    out[WIDTH * row + k] = float(sums[k]);
   }
 }
 

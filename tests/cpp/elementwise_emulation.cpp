@@ -46,19 +46,31 @@ int dispatch(int dtype, const Fn& fn) {
   }
 }
 
-// Calls fn(out_t(), branch_t(), acc_t()) for the (output, branch) pairs drop_path_add takes: equal dtypes, or a
-// float16/bfloat16 branch with a float32 output.
+// Calls fn.template operator()<out_t, branch_t, acc_t>() for the (output, branch) pairs drop_path_add takes: equal
+// dtypes, or a float16/bfloat16 branch with a float32 output.
 template <typename Fn>
 int dispatch_pair(int out_dtype, int branch_dtype, const Fn& fn) {
   if (out_dtype == 0 && branch_dtype != 3) {
-    return dispatch(branch_dtype, [&](auto branch_v, auto) { return fn(float(), branch_v, float()); });
+    return dispatch(branch_dtype, [&](auto branch_v, auto) {
+      return fn.template operator()<float, decltype(branch_v), float>();
+    });
   }
   if (out_dtype != branch_dtype) return -1;
-  return dispatch(out_dtype, [&](auto value_v, auto acc_v) { return fn(value_v, value_v, acc_v); });
+  return dispatch(out_dtype, [&](auto value_v, auto acc_v) {
+    return fn.template operator()<decltype(value_v), decltype(value_v), decltype(acc_v)>();
+  });
 }
 
 void run(const LaunchPlan& plan, const std::function<void()>& kernel) {
   launch(Dim3{static_cast<unsigned>(blocks_for(plan)), 1, 1}, kThreadsPerBlock, 0, kernel);
+}
+
+// The plan of a float32 launch (4 lanes) over a layout, with the CUDA built-ins set to its thread `thread`.
+LaunchPlan as_float32_thread(const DropPathAddLayout& layout, int64_t target_threads, int64_t thread) {
+  blockDim = Dim3{kThreadsPerBlock, 1, 1};
+  blockIdx = Dim3{static_cast<unsigned>(thread / kThreadsPerBlock), 0, 0};
+  threadIdx = Dim3{static_cast<unsigned>(thread % kThreadsPerBlock), 0, 0};
+  return make_plan(layout, 4, target_threads);
 }
 
 }  // namespace
@@ -70,19 +82,14 @@ int drop_path_add_forward(
     int out_dtype, int branch_dtype, const void* residual, const void* branch, const void* gamma, const void* scale,
     void* out, int64_t numel, int64_t per_sample, int64_t channels, int64_t inner, int64_t target_threads) {
   const DropPathAddLayout layout{numel, per_sample, channels, inner};
-  return dispatch_pair(out_dtype, branch_dtype, [&](auto out_v, auto branch_v, auto acc_v) {
-    using out_t = decltype(out_v);
-    using branch_t = decltype(branch_v);
-    using acc_t = decltype(acc_v);
-    constexpr int kVec = 16 / sizeof(branch_t);
-    const int vec = pick_vec<branch_t>(
-        layout, {{residual, int(sizeof(out_t))}, {branch, int(sizeof(branch_t))}, {out, int(sizeof(out_t))}});
+  return dispatch_pair(out_dtype, branch_dtype, [&]<typename out_t, typename branch_t, typename acc_t>() {
+    const int vec = forward_vec<out_t, branch_t>(layout, residual, branch, out);
     const auto plan = make_plan(layout, vec, target_threads);
     const auto args = std::make_tuple(
         static_cast<const out_t*>(residual), static_cast<const branch_t*>(branch), static_cast<const acc_t*>(gamma),
         static_cast<const acc_t*>(scale), static_cast<out_t*>(out), plan);
     run(plan, [&] {
-      with_vec<kVec>(vec, [&](auto lanes) {
+      with_vec<branch_t>(vec, [&](auto lanes) {
         std::apply(drop_path_add_forward_kernel<out_t, branch_t, acc_t, decltype(lanes)::value>, args);
       });
     });
@@ -98,14 +105,8 @@ int drop_path_add_backward(
     void* grad_branch, void* grad_gamma, int64_t numel, int64_t per_sample, int64_t channels, int64_t inner,
     int64_t target_threads) {
   const DropPathAddLayout layout{numel, per_sample, channels, inner};
-  return dispatch_pair(out_dtype, branch_dtype, [&](auto out_v, auto branch_v, auto acc_v) {
-    using out_t = decltype(out_v);
-    using branch_t = decltype(branch_v);
-    using acc_t = decltype(acc_v);
-    constexpr int kVec = 16 / sizeof(branch_t);
-    const int vec = pick_vec<branch_t>(
-        layout,
-        {{grad_out, int(sizeof(out_t))}, {branch, int(sizeof(branch_t))}, {grad_branch, int(sizeof(branch_t))}});
+  return dispatch_pair(out_dtype, branch_dtype, [&]<typename out_t, typename branch_t, typename acc_t>() {
+    const int vec = backward_vec<out_t, branch_t>(layout, grad_out, branch, grad_branch);
     const auto plan = make_plan(layout, vec, target_threads / 2);
     std::vector<acc_t> partials(grad_gamma ? (plan.channel_per_lane ? plan.threads * vec : plan.threads) : 0);
     const auto args = std::make_tuple(
@@ -113,7 +114,7 @@ int drop_path_add_backward(
         static_cast<const acc_t*>(scale), static_cast<branch_t*>(grad_branch), grad_gamma ? partials.data() : nullptr,
         plan);
     run(plan, [&] {
-      with_vec<kVec>(vec, [&](auto lanes) {
+      with_vec<branch_t>(vec, [&](auto lanes) {
         std::apply(drop_path_add_backward_kernel<out_t, branch_t, acc_t, decltype(lanes)::value>, args);
       });
     });
@@ -137,12 +138,8 @@ void drop_path_add_forward_one_thread(
     const float* residual_window, const float* branch_window, const float* gamma, const float* scale,
     float* out_window, int64_t numel, int64_t per_sample, int64_t channels, int64_t inner, int64_t target_threads,
     int64_t thread) {
-  const DropPathAddLayout layout{numel, per_sample, channels, inner};
-  const auto plan = make_plan(layout, 4, target_threads);
+  const auto plan = as_float32_thread(DropPathAddLayout{numel, per_sample, channels, inner}, target_threads, thread);
   const int64_t first = thread * 4;
-  blockDim = Dim3{kThreadsPerBlock, 1, 1};
-  blockIdx = Dim3{static_cast<unsigned>(thread / kThreadsPerBlock), 0, 0};
-  threadIdx = Dim3{static_cast<unsigned>(thread % kThreadsPerBlock), 0, 0};
   drop_path_add_forward_kernel<float, float, float, 4>(
       shifted(residual_window, first), shifted(branch_window, first), gamma, scale, shifted(out_window, first), plan);
 }
@@ -153,12 +150,8 @@ void drop_path_add_backward_one_thread(
     const float* grad_out_window, const float* branch_window, const float* gamma, const float* scale,
     float* grad_branch_window, float* partials_window, int64_t numel, int64_t per_sample, int64_t channels,
     int64_t inner, int64_t target_threads, int64_t thread) {
-  const DropPathAddLayout layout{numel, per_sample, channels, inner};
-  const auto plan = make_plan(layout, 4, target_threads);
+  const auto plan = as_float32_thread(DropPathAddLayout{numel, per_sample, channels, inner}, target_threads, thread);
   const int64_t first = thread * 4;
-  blockDim = Dim3{kThreadsPerBlock, 1, 1};
-  blockIdx = Dim3{static_cast<unsigned>(thread / kThreadsPerBlock), 0, 0};
-  threadIdx = Dim3{static_cast<unsigned>(thread % kThreadsPerBlock), 0, 0};
   drop_path_add_backward_kernel<float, float, float, 4>(
       shifted(grad_out_window, first), shifted(branch_window, first), gamma, scale,
       shifted(grad_branch_window, first), shifted(partials_window, plan.channel_per_lane ? first : thread), plan);
@@ -179,7 +172,6 @@ int64_t drop_path_add_thread_positions(
   });
   return count;
 }
-
 
 // The kernel over every output channel, as fuse_conv_bn_cuda launches it. Returns the threads per block.
 int fuse_conv_bn(

@@ -539,7 +539,8 @@ def test_distillation_loss_with_a_distilled_deit():
 
 
 def test_label_smoothing_and_soft_target_ce_match_timm():
-    from timm.loss import LabelSmoothingCrossEntropy as TimmLS, SoftTargetCrossEntropy as TimmST
+    from timm.loss import LabelSmoothingCrossEntropy as TimmLS
+    from timm.loss import SoftTargetCrossEntropy as TimmST
 
     x, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
     torch.testing.assert_close(LabelSmoothingCrossEntropy(0.1)(x, y), TimmLS(0.1)(x, y))

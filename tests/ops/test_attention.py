@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import vitops
+from tests.conftest import HAS_CUDA, device_backend_params
 from vitops.layers import Attention
 from vitops.ops import attention, attention_packed, reference
-from tests.conftest import HAS_CUDA, device_backend_params
 
 BACKENDS = device_backend_params("attention")
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import vitops
-from vitops import _backend
-from vitops.ops import drop_path, drop_path_add, reference
 from tests.conftest import HAS_CUDA, device_backend_params
 from tests.cpp import emulation
+from vitops import _backend
+from vitops.ops import drop_path, drop_path_add, reference
 
 BACKENDS = device_backend_params("drop_path_add")
 
@@ -105,8 +105,12 @@ def test_low_precision_error_at_most_twice_unfused(device, backend, dtype, shape
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("shape,gamma_shape,memory_format", [CASES[1], CASES[2], CASES[4]], ids=["tokens", "nchw", "nogamma"])
-def test_gradcheck_float64(device, backend, shape, gamma_shape, memory_format):
-    small = (2,) + tuple(min(s, 4) for s in shape[1:])
+@pytest.mark.parametrize(
+    "check,max_size", [(torch.autograd.gradcheck, 4), (torch.autograd.gradgradcheck, 3)], ids=["grad", "gradgrad"]
+)
+def test_gradchecks_float64(device, backend, shape, gamma_shape, memory_format, check, max_size):
+    """First derivatives, and second ones (create_graph=True, e.g. a gradient penalty), through the fused residual."""
+    small = (2,) + tuple(min(s, max_size) for s in shape[1:])
     gamma_shape = (small[-1],) if gamma_shape and len(gamma_shape) == 1 else (small[1], 1, 1) if gamma_shape else None
     residual, branch, gamma = make_inputs(small, gamma_shape, memory_format, device, torch.float64)
 
@@ -115,23 +119,7 @@ def test_gradcheck_float64(device, backend, shape, gamma_shape, memory_format):
         with vitops.use_backend(backend):
             return drop_path_add(residual, branch, 0.5, True, gamma)
 
-    assert torch.autograd.gradcheck(fn, (residual, branch, gamma))
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("shape,gamma_shape,memory_format", [CASES[1], CASES[2], CASES[4]], ids=["tokens", "nchw", "nogamma"])
-def test_gradgradcheck_float64(device, backend, shape, gamma_shape, memory_format):
-    """Second derivatives (create_graph=True, e.g. a gradient penalty) through the fused residual."""
-    small = (2,) + tuple(min(s, 3) for s in shape[1:])
-    gamma_shape = (small[-1],) if gamma_shape and len(gamma_shape) == 1 else (small[1], 1, 1) if gamma_shape else None
-    residual, branch, gamma = make_inputs(small, gamma_shape, memory_format, device, torch.float64)
-
-    def fn(residual, branch, gamma):
-        torch.manual_seed(3)  # the same mask on every evaluation
-        with vitops.use_backend(backend):
-            return drop_path_add(residual, branch, 0.5, True, gamma)
-
-    assert torch.autograd.gradgradcheck(fn, (residual, branch, gamma))
+    assert check(fn, (residual, branch, gamma))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -446,8 +434,8 @@ def test_cpu_kernels_past_2_31_elements():
 
 
 # --- the CUDA kernels, run on the CPU -------------------------------------------------------------------------
-# csrc/cuda/drop_path_add.cuh compiled as plain C++ (tests/cpp/elementwise_emulation.cpp, one std::thread per
-# CUDA thread) with the vector width and launch plan of csrc/cuda/drop_path_add.cu. Without a GPU this is what
+# csrc/cuda/drop_path_add.cuh compiled as plain C++ (tests/cpp/elementwise_emulation.cpp, one fiber per CUDA
+# thread) with the vector width and launch plan that csrc/cuda/drop_path_add.cu picks. Without a GPU this is what
 # checks the kernels' indexing, vector and tail paths, dropped samples and gamma's partial sums; it says nothing
 # about their speed.
 

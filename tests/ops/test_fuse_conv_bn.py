@@ -8,9 +8,9 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 import vitops
+from tests.cpp import emulation
 from vitops import _backend, _extension
 from vitops.ops import fuse_conv_bn, reference
-from tests.cpp import emulation
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -230,7 +230,7 @@ def test_cuda_gradcheck_and_opcheck():
 
 
 # --- the CUDA kernel, run on the CPU ----------------------------------------------------------------------------
-# csrc/cuda/fuse_conv_bn.cuh compiled as plain C++ (tests/cpp/elementwise_emulation.cpp, one std::thread per CUDA
+# csrc/cuda/fuse_conv_bn.cuh compiled as plain C++ (tests/cpp/elementwise_emulation.cpp, one fiber per CUDA
 # thread), launched as csrc/cuda/fuse_conv_bn.cu launches it. Without a GPU this is what checks its indexing and
 # its math; it says nothing about its speed.
 

@@ -1,5 +1,6 @@
 """Helpers shared by the re-parameterizable layers: folding a BatchNorm into a kernel, the identity kernel,
-and padding a small kernel into the centre of a bigger one. All are differentiable."""
+and padding a small kernel into the centre of a bigger one (all differentiable); the base class of the blocks of
+parallel conv branches."""
 from __future__ import annotations
 
 import torch
@@ -80,3 +81,40 @@ def new_conv_like(template: nn.Conv2d, weight: Tensor, bias: Tensor, kernel_size
         conv.weight = nn.Parameter(in_layout_of(weight.detach().clone(), template.weight))
         conv.bias.copy_(bias)
     return conv.train(template.training)
+
+
+class ReparamConvBlock(nn.Module):
+    """A block of parallel conv branches that re-parameterizes into `reparam_conv`, one biased k x k conv (ACBlock,
+    RepVGGBlock). This checks the arguments and builds `reparam_conv` directly in inference mode; the block builds
+    its branches otherwise (the attributes named in BRANCHES, `conv_kxk` the k x k one) and gives
+    get_equivalent_kernel_bias()."""
+
+    BRANCHES = ("conv_kxk",)
+
+    def __init__(
+        self, where: str, in_chs: int, out_chs: int, kernel_size: int, stride: int, dilation: int, groups: int,
+        inference_mode: bool, factory: dict,
+    ):  # fmt: skip
+        super().__init__()
+        check_odd_kernel(where, kernel_size)
+        check_groups(where, in_chs, out_chs, groups)
+        self.kernel_size = kernel_size
+        self.reparam_conv = None
+        for name in self.BRANCHES:
+            setattr(self, name, None)
+        if inference_mode:
+            self.reparam_conv = nn.Conv2d(
+                in_chs, out_chs, kernel_size, stride=stride, padding=dilation * (kernel_size // 2), dilation=dilation,
+                groups=groups, bias=True, **factory,
+            )  # fmt: skip
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replaces the branches by `reparam_conv`, in place. Uses the BNs' running statistics. Idempotent."""
+        if self.reparam_conv is not None:
+            return
+        weight, bias = self.get_equivalent_kernel_bias()
+        template = self.conv_kxk.conv
+        self.reparam_conv = new_conv_like(template, weight, bias, template.kernel_size, template.padding)
+        for name in self.BRANCHES:
+            setattr(self, name, None)

@@ -2,14 +2,13 @@
 with its own BatchNorm, summed while training and re-parameterized into one k x k conv for inference."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from vitops.layers._fusion import check_groups, check_odd_kernel, new_conv_like, pad_to
+from vitops.layers._fusion import ReparamConvBlock, pad_to
 from vitops.layers.conv_norm_act import ConvNormAct
 
 
-class ACBlock(nn.Module):
+class ACBlock(ReparamConvBlock):
     """`act(bn(conv_kxk(x)) + bn(conv_1xk(x)) + bn(conv_kx1(x)))`, a drop-in for a k x k conv + BN.
     `reparameterize()` folds each BN into its branch, adds the 1 x k kernel into the centre row and the k x 1
     kernel into the centre column of the k x k one, sums the biases and keeps the single `reparam_conv`.
@@ -20,6 +19,8 @@ class ACBlock(nn.Module):
         act_layer: the activation's class, or None (default) for none.
         inference_mode: build the re-parameterized form directly, to load a deploy checkpoint.
     """
+
+    BRANCHES = ("conv_kxk", "conv_1xk", "conv_kx1")
 
     def __init__(
         self,
@@ -34,20 +35,13 @@ class ACBlock(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        where = "vitops.layers.ACBlock"
-        check_odd_kernel(where, kernel_size)
-        check_groups(where, in_chs, out_chs, groups)
-        self.kernel_size = kernel_size
-        k, p = kernel_size, dilation * (kernel_size // 2)
         factory = dict(device=device, dtype=dtype)
-        self.reparam_conv = None
-        self.conv_kxk = self.conv_1xk = self.conv_kx1 = None
-        if inference_mode:
-            self.reparam_conv = nn.Conv2d(
-                in_chs, out_chs, k, stride=stride, padding=p, dilation=dilation, groups=groups, bias=True, **factory
-            )
-        else:
+        super().__init__(
+            "vitops.layers.ACBlock", in_chs, out_chs, kernel_size, stride, dilation, groups, inference_mode, factory
+        )
+        if not inference_mode:
+            k, p = kernel_size, dilation * (kernel_size // 2)
+
             def branch(kernel, padding):
                 return ConvNormAct(
                     in_chs, out_chs, kernel, stride, padding, dilation, groups, apply_act=False, **factory
@@ -73,13 +67,3 @@ class ACBlock(nn.Module):
         w_row, b_row = self.conv_1xk.fused_weight_bias()
         w_col, b_col = self.conv_kx1.fused_weight_bias()
         return weight + pad_to(w_row, k) + pad_to(w_col, k), bias + b_row + b_col
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replaces the three branches by `reparam_conv`, in place. Uses the BNs' running statistics."""
-        if self.reparam_conv is not None:
-            return
-        weight, bias = self.get_equivalent_kernel_bias()
-        template = self.conv_kxk.conv
-        self.reparam_conv = new_conv_like(template, weight, bias, template.kernel_size, template.padding)
-        self.conv_kxk = self.conv_1xk = self.conv_kx1 = None

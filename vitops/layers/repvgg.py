@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from vitops.layers._fusion import check_groups, check_odd_kernel, fold_bn, identity_kernel, new_conv_like, pad_to
+from vitops.layers._fusion import ReparamConvBlock, fold_bn, identity_kernel, pad_to
 from vitops.layers.conv_norm_act import ConvNormAct
 from vitops.layers.drop_path import DropPath
 
 
-class RepVGGBlock(nn.Module):
+class RepVGGBlock(ReparamConvBlock):
     """`act(bn(conv_kxk(x)) + bn(conv_1x1(x)) + bn(x))`, the identity branch present when in_chs == out_chs,
     stride == 1 and `use_identity`. With `drop_path` > 0 the conv branches are dropped per sample while training,
     as in timm's RepVggBlock, fused into the identity add (vitops.ops.drop_path_add).
@@ -30,6 +29,8 @@ class RepVGGBlock(nn.Module):
         inference_mode: build the re-parameterized form directly, to load a deploy checkpoint.
     """
 
+    BRANCHES = ("conv_kxk", "conv_1x1", "identity", "drop_path")
+
     def __init__(
         self,
         in_chs: int,
@@ -45,22 +46,15 @@ class RepVGGBlock(nn.Module):
         device=None,
         dtype=None,
     ):
-        super().__init__()
-        where = "vitops.layers.RepVGGBlock"
-        check_odd_kernel(where, kernel_size)
-        check_groups(where, in_chs, out_chs, groups)
-        self.in_chs, self.out_chs, self.groups = in_chs, out_chs, groups
-        self.kernel_size = kernel_size
-        padding = dilation * (kernel_size // 2)
         factory = dict(device=device, dtype=dtype)
-        self.reparam_conv = None
-        self.conv_kxk = self.conv_1x1 = self.identity = self.drop_path = None
-        if inference_mode:
-            self.reparam_conv = nn.Conv2d(
-                in_chs, out_chs, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                bias=True, **factory,
-            )  # fmt: skip
-        else:  # registered in timm's order, so parameters() and the state_dict list them as timm's RepVggBlock
+        super().__init__(
+            "vitops.layers.RepVGGBlock", in_chs, out_chs, kernel_size, stride, dilation, groups, inference_mode,
+            factory,
+        )  # fmt: skip
+        self.in_chs, self.out_chs, self.groups = in_chs, out_chs, groups
+        # the branches registered in timm's order, so parameters() and the state_dict list them as timm's RepVggBlock
+        if not inference_mode:
+            padding = dilation * (kernel_size // 2)
             if use_identity and in_chs == out_chs and stride == 1:
                 self.identity = nn.BatchNorm2d(out_chs, **factory)
             self.conv_kxk = ConvNormAct(
@@ -103,13 +97,3 @@ class RepVGGBlock(nn.Module):
             weight = weight + wi
             bias = bias + bi
         return weight, bias
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replaces the branches by `reparam_conv`, in place. Uses the BNs' running statistics. Idempotent."""
-        if self.reparam_conv is not None:
-            return
-        weight, bias = self.get_equivalent_kernel_bias()
-        template = self.conv_kxk.conv
-        self.reparam_conv = new_conv_like(template, weight, bias, template.kernel_size, template.padding)
-        self.conv_kxk = self.conv_1x1 = self.identity = self.drop_path = None

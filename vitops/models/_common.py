@@ -1,9 +1,11 @@
 """Pieces shared by the model files: global pooling, the classifier head, gradient checkpointing, input checks."""
 
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from vitops.models._features import feature_take_indices
 
 CNN_POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")
 
@@ -104,4 +106,46 @@ def check_input(x: Tensor, in_chans: int, model: str, min_size: int = 1, fixed_s
         raise ValueError(f"vitops {model}: images must be at least {min_size}x{min_size}, got {tuple(x.shape[2:])}")
 
 
-__all__ = ["ClassifierHead", "SelectAdaptivePool2d", "check_input", "run_blocks"]
+class ConvNet(nn.Module):
+    """What the CNNs (ResNet, RepVGG) share: timm's attributes and model API around their stages. No parameter is
+    exempt from weight decay; prune_intermediate_layers drops the levels through the model's `_drop_levels_after`."""
+
+    def __init__(self, num_classes: int, in_chans: int, drop_rate: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.unused
+    def _check_input(self, x: Tensor) -> None:
+        check_input(x, self.in_chans, type(self).__name__)
+
+    def _drop_levels_after(self, level: int) -> None:
+        raise NotImplementedError
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drops the feature levels after the last of `indices` (and the head) for feature extraction; returns the
+        indices, counted from 0."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        pruned = max_index < len(self.feature_info) - 1
+        if pruned:
+            self._drop_levels_after(max_index)
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or pruned:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+__all__ = ["ClassifierHead", "ConvNet", "SelectAdaptivePool2d", "check_input", "run_blocks"]

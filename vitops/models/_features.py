@@ -46,6 +46,14 @@ def feature_take_indices(num_features: int, indices: Indices = None) -> Tuple[Li
     return take, max(take)
 
 
+def nchw_take_indices(where: str, num_features: int, indices: Indices, output_fmt: str) -> Tuple[List[int], int]:
+    """feature_take_indices for the forward_intermediates of a model whose feature maps are NCHW only (the CNNs);
+    any other output_fmt is refused, naming the model `where`."""
+    if output_fmt != "NCHW":
+        raise ValueError(f"{where}: output_fmt must be 'NCHW', got {output_fmt!r}")
+    return feature_take_indices(num_features, indices)
+
+
 class FeatureInfo:
     """timm's FeatureInfo: the level dicts of a model (`info`) and the levels an extractor returns
     (`out_indices`; an int n means the last n). Accessors with idx=None answer for the returned levels; an int or

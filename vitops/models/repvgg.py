@@ -11,14 +11,14 @@ from torch import Tensor, nn
 
 from vitops.layers import RepVGGBlock
 from vitops.models._builder import build_model_with_cfg
-from vitops.models._common import ClassifierHead, check_input, run_blocks
-from vitops.models._features import feature_take_indices
+from vitops.models._common import ClassifierHead, ConvNet, run_blocks
+from vitops.models._features import nchw_take_indices
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["RepVGG", "RepVGGBlock"]
 
 
-class RepVGG(nn.Module):
+class RepVGG(ConvNet):
     """RepVGG: stem (a stride-2 RepVGG block), stages.0..3 (the first block of each with stride 2), final_conv
     (Identity), head (global_pool, drop, fc, flatten as timm's ClassifierHead).
 
@@ -40,11 +40,7 @@ class RepVGG(nn.Module):
         drop_path_rate: float = 0.0,
         inference_mode: bool = False,
     ):
-        super().__init__()
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
+        super().__init__(num_classes, in_chans, drop_rate)
         self.stem = RepVGGBlock(in_chans, stem_chs, 3, stride=2, inference_mode=inference_mode)
         self.feature_info = [dict(num_chs=stem_chs, reduction=2, module="stem", stage=0)]
         stages = []
@@ -85,10 +81,6 @@ class RepVGG(nn.Module):
         return dict(stem=r"^stem", blocks=[(stage, None), (r"^final_conv", (99999,))])
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -96,14 +88,6 @@ class RepVGG(nn.Module):
         """As timm's; `reset_other` is accepted for timm's sake (this head has nothing else to reset)."""
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.unused
-    def _check_input(self, x: Tensor) -> None:
-        check_input(x, self.in_chans, type(self).__name__)
 
     def forward_features(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
@@ -131,9 +115,7 @@ class RepVGG(nn.Module):
         indices: None for all 5 levels (stem, stages.0..2, final_conv), n for the last n, or a sequence of level
         indices. norm is accepted and unused (no final norm), as in timm; output_fmt must be 'NCHW'.
         exclude_final_conv: the last level is read before final_conv."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"vitops RepVGG: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_indices, max_index = nchw_take_indices("vitops RepVGG", len(self.feature_info), indices, output_fmt)
         self._check_input(x)
         intermediates = []
         x = self.stem(x)
@@ -153,21 +135,10 @@ class RepVGG(nn.Module):
             x = self.final_conv(x)
         return x, intermediates
 
-    @torch.jit.ignore
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        """Drops the stages after the last of `indices` (and the head) for feature extraction; returns the
-        indices, counted from 0."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        num_chs = self.feature_info[max_index]["num_chs"]
-        self.stages = self.stages[:max_index]
-        if max_index < len(self.feature_info) - 1:
-            self.final_conv = nn.Identity()
-            self.num_features = self.head_hidden_size = num_chs
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, "")
-        return take_indices
+    def _drop_levels_after(self, level: int) -> None:
+        """Drops the stages after feature level `level`, and final_conv (the last level)."""
+        self.stages = self.stages[:level]
+        self.final_conv = nn.Identity()
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from vitops.layers import DropPath
 from vitops.models._builder import build_model_with_cfg
-from vitops.models._common import SelectAdaptivePool2d, check_input, run_blocks
-from vitops.models._features import feature_take_indices
+from vitops.models._common import ConvNet, SelectAdaptivePool2d, run_blocks
+from vitops.models._features import nchw_take_indices
 from vitops.models._registry import pretrained_cfg, register_model, register_pretrained_cfgs
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -107,7 +107,7 @@ def _downsample(inplanes: int, outplanes: int, stride: int, avg_down: bool) -> n
     return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), nn.BatchNorm2d(outplanes))
 
 
-class ResNet(nn.Module):
+class ResNet(ConvNet):
     """ResNet with timm's names: conv1 (a 3-conv Sequential for the 'deep' stem), bn1, act1, maxpool,
     layer1..layer4, global_pool, fc.
 
@@ -132,11 +132,7 @@ class ResNet(nn.Module):
         avg_down: bool = False,
         zero_init_last: bool = True,
     ):
-        super().__init__()
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
+        super().__init__(num_classes, in_chans, drop_rate)
         deep_stem = "deep" in stem_type
         inplanes = stem_width * 2 if deep_stem else 64
         if deep_stem:
@@ -209,10 +205,6 @@ class ResNet(nn.Module):
         return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
         return "fc" if name_only else self.fc
 
@@ -221,14 +213,6 @@ class ResNet(nn.Module):
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(global_pool)
         self.fc = self._make_fc(num_classes)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.unused
-    def _check_input(self, x: Tensor) -> None:
-        check_input(x, self.in_chans, type(self).__name__)
 
     def _stages(self) -> List[nn.Module]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
@@ -263,9 +247,7 @@ class ResNet(nn.Module):
         """timm's API: (final features, [feature maps at indices]) or, with intermediates_only, the list.
         indices: None for all 5 levels (act1, layer1..4), n for the last n, or a sequence of level indices.
         norm is accepted and unused (ResNet has no final norm), as in timm; output_fmt must be 'NCHW'."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"vitops ResNet: output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        take_indices, max_index = nchw_take_indices("vitops ResNet", len(self.feature_info), indices, output_fmt)
         intermediates = []
         x = self.forward_stem(x)
         if 0 in take_indices:
@@ -278,22 +260,12 @@ class ResNet(nn.Module):
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
 
-    @torch.jit.ignore
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        """Empties the stages after the last of `indices` (and drops the head) for feature extraction; returns the
-        indices, counted from 0."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        for name in ("layer1", "layer2", "layer3", "layer4")[max_index:]:
+    def _drop_levels_after(self, level: int) -> None:
+        """Empties the stages after feature level `level` (and the maxpool before them all for level 0)."""
+        for name in ("layer1", "layer2", "layer3", "layer4")[level:]:
             setattr(self, name, nn.Sequential())
-        if max_index == 0:
+        if level == 0:
             self.maxpool = nn.Identity()
-        if max_index < 4:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or max_index < 4:
-            self.reset_classifier(0, "")
-        return take_indices
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)
@@ -324,36 +296,36 @@ register_pretrained_cfgs({
 })
 
 
-def _create_resnet(variant: str, pretrained: bool = False, **kwargs) -> ResNet:
-    return build_model_with_cfg(ResNet, variant, pretrained, **kwargs)
+def _create_resnet(variant: str, pretrained: bool, model_args: dict, kwargs: dict) -> ResNet:
+    return build_model_with_cfg(ResNet, variant, pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet18(pretrained: bool = False, **kwargs) -> ResNet:
-    return _create_resnet("resnet18", pretrained, **dict(dict(block=BasicBlock, layers=(2, 2, 2, 2)), **kwargs))
+    return _create_resnet("resnet18", pretrained, dict(block=BasicBlock, layers=(2, 2, 2, 2)), kwargs)
 
 
 @register_model
 def resnet34(pretrained: bool = False, **kwargs) -> ResNet:
-    return _create_resnet("resnet34", pretrained, **dict(dict(block=BasicBlock, layers=(3, 4, 6, 3)), **kwargs))
+    return _create_resnet("resnet34", pretrained, dict(block=BasicBlock, layers=(3, 4, 6, 3)), kwargs)
 
 
 @register_model
 def resnet50(pretrained: bool = False, **kwargs) -> ResNet:
-    return _create_resnet("resnet50", pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 6, 3)), **kwargs))
+    return _create_resnet("resnet50", pretrained, dict(block=Bottleneck, layers=(3, 4, 6, 3)), kwargs)
 
 
 @register_model
 def resnet101(pretrained: bool = False, **kwargs) -> ResNet:
-    return _create_resnet("resnet101", pretrained, **dict(dict(block=Bottleneck, layers=(3, 4, 23, 3)), **kwargs))
+    return _create_resnet("resnet101", pretrained, dict(block=Bottleneck, layers=(3, 4, 23, 3)), kwargs)
 
 
 @register_model
 def resnet152(pretrained: bool = False, **kwargs) -> ResNet:
-    return _create_resnet("resnet152", pretrained, **dict(dict(block=Bottleneck, layers=(3, 8, 36, 3)), **kwargs))
+    return _create_resnet("resnet152", pretrained, dict(block=Bottleneck, layers=(3, 8, 36, 3)), kwargs)
 
 
 @register_model
 def resnet50d(pretrained: bool = False, **kwargs) -> ResNet:
     args = dict(block=Bottleneck, layers=(3, 4, 6, 3), stem_width=32, stem_type="deep", avg_down=True)
-    return _create_resnet("resnet50d", pretrained, **dict(args, **kwargs))
+    return _create_resnet("resnet50d", pretrained, args, kwargs)

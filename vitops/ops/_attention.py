@@ -294,6 +294,16 @@ for _name, _fake, _in_layout, _spec, _torch, _check, _autograd in (
 # --- public API -----------------------------------------------------------------------------------------------
 
 
+def _in_autocast_dtype(*tensors):
+    """As scaled_dot_product_attention under autocast (CPU and CUDA list it among the ops run in lower precision):
+    float32 inputs are cast to the autocast dtype. The ops themselves compute in the dtypes they are given."""
+    device = next((t.device.type for t in tensors if isinstance(t, Tensor)), None)
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype == torch.float32 else t for t in tensors)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """softmax(q @ k^T * scale) @ v, like `F.scaled_dot_product_attention(q, k, v, scale=scale)` without a mask
     or dropout.
@@ -305,8 +315,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) ->
         scale: softmax scale, D ** -0.5 by default.
 
     Returns:
-        Contiguous (B, H, Nq, D) in q's dtype. Differentiable in q, k and v.
+        Contiguous (B, H, Nq, D) in q's dtype (under autocast, float32 inputs run in the autocast dtype, as SDPA's
+        do). Differentiable in q, k and v.
     """
+    q, k, v = _in_autocast_dtype(q, k, v)
     check_qkv(q, k, v, scale)
     return torch.ops.vitops.attention(q, k, v, scale)[0]
 
@@ -321,7 +333,9 @@ def attention_packed(qkv: Tensor, num_heads: int, *, scale: float | None = None)
         scale: softmax scale, D ** -0.5 by default.
 
     Returns:
-        Contiguous (B, N, H * D) in qkv's dtype. Its backward writes one packed (B, N, 3 * H * D) gradient.
+        Contiguous (B, N, H * D) in qkv's dtype (under autocast, a float32 qkv runs in the autocast dtype, as
+        SDPA's inputs do). Its backward writes one packed (B, N, 3 * H * D) gradient.
     """
+    (qkv,) = _in_autocast_dtype(qkv)
     check_packed(qkv, num_heads, scale)
     return torch.ops.vitops.attention_packed(qkv, num_heads, scale)[0]

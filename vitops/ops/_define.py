@@ -57,6 +57,17 @@ def _compiled_reason(op: str, backend: str, device_type: str, no_kernel: dict[st
     return f"this vitops._C was built without {op}'s {key} kernel: rebuild it"
 
 
+def check_device_and_dtype(
+    op: str, name: str, t: torch.Tensor, like_name: str, like: torch.Tensor, dtype: torch.dtype, why: str = ""
+) -> None:
+    """Argument `name` of `op` must be on the device of argument `like_name` (else ValueError) and be `dtype` (else
+    TypeError; `why` ends the requirement, e.g. " for float16 inputs")."""
+    if t.device != like.device:
+        raise ValueError(f"vitops.{op}: {name} is on {t.device} but {like_name} is on {like.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"vitops.{op}: {name} must be {dtype}{why}, got {t.dtype}")
+
+
 def define_op(
     name: str,
     *,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from vitops.ops import reference
-from vitops.ops._define import define_op
+from vitops.ops._define import check_device_and_dtype, define_op
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = "float32, float16, bfloat16 or float64"
@@ -32,10 +32,7 @@ def _supported_pair(out: torch.dtype, branch: torch.dtype) -> bool:
 
 def _check_gamma_and_scale(op: str, like: Tensor, gamma: Tensor | None, sample_scale: Tensor | None, acc) -> None:
     if gamma is not None:
-        if gamma.device != like.device:
-            raise ValueError(f"vitops.{op}: gamma is on {gamma.device} but branch is on {like.device}")
-        if gamma.dtype != acc:
-            raise TypeError(f"vitops.{op}: gamma must be {acc} for {like.dtype} inputs, got {gamma.dtype}")
+        check_device_and_dtype(op, "gamma", gamma, "branch", like, acc, f" for {like.dtype} inputs")
         channel_dim = like.ndim - gamma.ndim
         if not (
             1 <= gamma.ndim < like.ndim
@@ -47,10 +44,7 @@ def _check_gamma_and_scale(op: str, like: Tensor, gamma: Tensor | None, sample_s
                 "give (C,) for the last dim, or (C, 1, ..., 1) for an earlier one, e.g. (C, 1, 1) for dim 1 of NCHW"
             )
     if sample_scale is not None:
-        if sample_scale.device != like.device:
-            raise ValueError(f"vitops.{op}: sample_scale is on {sample_scale.device} but branch is on {like.device}")
-        if sample_scale.dtype != acc:
-            raise TypeError(f"vitops.{op}: sample_scale must be {acc}, got {sample_scale.dtype}")
+        check_device_and_dtype(op, "sample_scale", sample_scale, "branch", like, acc)
         if sample_scale.ndim != 1 or sample_scale.shape[0] != like.shape[0]:
             raise ValueError(
                 f"vitops.{op}: sample_scale must have shape ({like.shape[0]},), one value per sample, got "
@@ -187,24 +181,20 @@ def _double_backward(ctx, grad_grad_branch, grad_grad_gamma):
     return grad_out_grad, branch_grad, gamma_grad, None, None, None
 
 
-define_op(
-    "drop_path_add_backward",
-    fake=_backward_fake,
-    reference=_reference_backward,
-    check=_check_backward,
-    triton="drop_path_add:backward",
-    backward=_double_backward,
-    setup_context=_setup_backward_context,
-)
-define_op(
-    "drop_path_add",
-    fake=_forward_fake,
-    reference=_reference_forward,
-    check=_check_forward,
-    triton="drop_path_add:forward",
-    backward=_backward,
-    setup_context=_setup_context,
-)
+for _name, _launcher, _fake, _spec, _check, _autograd in (
+    ("drop_path_add_backward", "backward", _backward_fake, _reference_backward, _check_backward,
+     (_double_backward, _setup_backward_context)),
+    ("drop_path_add", "forward", _forward_fake, _reference_forward, _check_forward, (_backward, _setup_context)),
+):  # fmt: skip
+    define_op(
+        _name,
+        fake=_fake,
+        reference=_spec,
+        check=_check,
+        triton=f"drop_path_add:{_launcher}",
+        backward=_autograd[0],
+        setup_context=_autograd[1],
+    )
 
 
 # --- public API -----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from vitops.ops import reference
-from vitops.ops._define import define_op
+from vitops.ops._define import check_device_and_dtype, define_op
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 CHANNEL_ARGS = ("bias", "running_mean", "running_var", "bn_weight", "bn_bias")
@@ -35,10 +35,7 @@ def _check(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps) -> 
     for name, t in zip(CHANNEL_ARGS, (bias, running_mean, running_var, bn_weight, bn_bias)):
         if t is None:
             continue
-        if t.device != weight.device:
-            raise ValueError(f"vitops.fuse_conv_bn: {name} is on {t.device} but weight is on {weight.device}")
-        if t.dtype != acc:
-            raise TypeError(f"vitops.fuse_conv_bn: {name} must be {acc} for a {weight.dtype} weight, got {t.dtype}")
+        check_device_and_dtype("fuse_conv_bn", name, t, "weight", weight, acc, f" for a {weight.dtype} weight")
         if t.ndim != 1 or t.shape[0] != weight.shape[0]:
             raise ValueError(
                 f"vitops.fuse_conv_bn: {name} must have shape ({weight.shape[0]},), one value per output channel of "

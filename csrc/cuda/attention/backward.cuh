@@ -21,9 +21,8 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Backwar
   if (row < rows) {
     const int64_t bh = row / p.nq, b = bh / p.heads, h = bh % p.heads;
     const int i = static_cast<int>(row % p.nq);
-    const Element* out = head_of(static_cast<const Element*>(p.out), p.out_strides, b, h) + i * p.out_strides.row;
-    const Element* grad_out =
-        head_of(static_cast<const Element*>(p.grad_out), p.grad_out_strides, b, h) + i * p.grad_out_strides.row;
+    const Element* out = head_of(p.out, p.out_strides, b, h) + i * p.out_strides.row;
+    const Element* grad_out = head_of(p.grad_out, p.grad_out_strides, b, h) + i * p.grad_out_strides.row;
 #pragma unroll
     for (int c = sub; c < D / 8; c += kDeltaLanesPerRow) {
       const uint4 o = *reinterpret_cast<const uint4*>(out + c * 8);
@@ -50,26 +49,20 @@ __global__ void __launch_bounds__(kThreads) attention_delta_kernel(const Backwar
 template <int D, class Dtype>
 __global__ void __launch_bounds__(kThreads, GradQTile<D>::kMinCtasPerSm)
     attention_grad_q_kernel(const BackwardParams p) {
-  using Tile = GradQTile<D>;
-  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kNTiles = kBlockN / 8;
+  constexpr int kBlockM = GradQTile<D>::kBlockM, kBlockN = GradQTile<D>::kBlockN, kNTiles = kBlockN / 8;
+  const CtaTask task = cta_task(p.heads, static_cast<int>(ceil_div(p.nq, kBlockM)));
   Element* q_tile = reinterpret_cast<Element*>(shared_memory());
   Element* grad_out_tile = q_tile + kBlockM * kPitch<D>;
-  Element* k_tiles = grad_out_tile + kBlockM * kPitch<D>;
-  Element* v_tiles = k_tiles + 2 * kBlockN * kPitch<D>;
-
-  const CtaTask task = cta_task(p.heads, static_cast<int>(ceil_div(p.nq, kBlockM)));
-  const Element* q = head_of(static_cast<const Element*>(p.q), p.q_strides, task.b, task.h);
-  const Element* k = head_of(static_cast<const Element*>(p.k), p.k_strides, task.b, task.h);
-  const Element* v = head_of(static_cast<const Element*>(p.v), p.v_strides, task.b, task.h);
-  const Element* grad_out = head_of(static_cast<const Element*>(p.grad_out), p.grad_out_strides, task.b, task.h);
+  const Element* q = head_of(p.q, p.q_strides, task.b, task.h);
+  const KeyValueStages<D, kBlockN> kv(grad_out_tile + kBlockM * kPitch<D>, p, task);
+  const Element* grad_out = head_of(p.grad_out, p.grad_out_strides, task.b, task.h);
   const int m0 = task.block * kBlockM;
   const int warp_id = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
   const int row0 = m0 + warp_id * kWarpRows;
 
   load_tile_async<kBlockM, D>(q_tile, q, p.q_strides.row, m0, p.nq);
   load_tile_async<kBlockM, D>(grad_out_tile, grad_out, p.grad_out_strides.row, m0, p.nq);
-  load_tile_async<kBlockN, D>(k_tiles, k, p.k_strides.row, 0, p.nk);
-  load_tile_async<kBlockN, D>(v_tiles, v, p.v_strides.row, 0, p.nk);
+  kv.load(0);
   warp::cp_async_commit();
 
   // rows lane/4 and lane/4 + 8 of the warp's 16 (0 past nq: finite, and never stored)
@@ -83,18 +76,9 @@ __global__ void __launch_bounds__(kThreads, GradQTile<D>::kMinCtasPerSm)
 
   uint32_t q_frag[D / 16][4], grad_out_frag[D / 16][4];
   float dq[D / 8][4] = {};
-  const int n_blocks = static_cast<int>(ceil_div(p.nk, kBlockN));
+  const int n_blocks = kv.blocks();
   for (int j = 0; j < n_blocks; ++j) {
-    warp::cp_async_wait<0>();
-    __syncthreads();
-    if (j + 1 < n_blocks) {
-      const int stage = (j + 1) & 1;
-      load_tile_async<kBlockN, D>(k_tiles + stage * kBlockN * kPitch<D>, k, p.k_strides.row, (j + 1) * kBlockN,
-                                  p.nk);
-      load_tile_async<kBlockN, D>(v_tiles + stage * kBlockN * kPitch<D>, v, p.v_strides.row, (j + 1) * kBlockN,
-                                  p.nk);
-      warp::cp_async_commit();
-    }
+    await_block(j, n_blocks, [&](int next) { kv.load(next); });
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -102,33 +86,26 @@ __global__ void __launch_bounds__(kThreads, GradQTile<D>::kMinCtasPerSm)
         load_a<D>(grad_out_frag[kk], grad_out_tile, warp_id * kWarpRows, kk * 16, lane);
       }
     }
-    const Element* k_tile = k_tiles + (j & 1) * kBlockN * kPitch<D>;
-    const Element* v_tile = v_tiles + (j & 1) * kBlockN * kPitch<D>;
 
     float s[kNTiles][4] = {};
-    mma_a_regs_bt_tile<D, kNTiles, Dtype>(s, q_frag, k_tile, lane);
+    mma_a_regs_bt_tile<D, kNTiles, Dtype>(s, q_frag, kv.k_tile(j), lane);
     float dp[kNTiles][4] = {};
-    mma_a_regs_bt_tile<D, kNTiles, Dtype>(dp, grad_out_frag, v_tile, lane);
+    mma_a_regs_bt_tile<D, kNTiles, Dtype>(dp, grad_out_frag, kv.v_tile(j), lane);
 
     // Keys past nk need P = 0 even though their K rows are zero: with 2^(-lse log2 e) overflowing (very negative
     // scores), dS * K would be inf * 0.
-    const int key0 = j * kBlockN + (lane & 3) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = i / 2;
-        const float prob = key0 + nt * 8 + (i & 1) < p.nk
-                               ? warp::exp2_approx(fmaf(s[nt][i], p.scale_log2, -lse_log2[r]))
-                               : 0.f;
-        s[nt][i] = prob * (dp[nt][i] - delta[r]);  // dS
-      }
-    }
-    mma_c_regs_b_tile<D, kNTiles, Dtype>(dq, s, k_tile, lane);
+    const int key0 = j * kBlockN;
+    transform_accumulators(s, lane, [&](float score, int nt, int i, int column) {
+      const int r = i / 2;
+      const float prob =
+          key0 + column < p.nk ? warp::exp2_approx(fmaf(score, p.scale_log2, -lse_log2[r])) : 0.f;
+      return prob * (dp[nt][i] - delta[r]);  // dS
+    });
+    mma_c_regs_b_tile<D, kNTiles, Dtype>(dq, s, kv.k_tile(j), lane);
   }
   // The warp's own Q rows are free: their fragments were read into registers before any score was computed.
   store_rows<D, Dtype>(dq, p.scale, q_tile + warp_id * kWarpRows * kPitch<D>,
-                       head_of(static_cast<Element*>(p.grad_q), p.grad_q_strides, task.b, task.h),
+                       head_of(p.grad_q, p.grad_q_strides, task.b, task.h),
                        p.grad_q_strides.row, row0, p.nq, lane);
 }
 
@@ -141,8 +118,7 @@ __global__ void __launch_bounds__(kThreads, GradQTile<D>::kMinCtasPerSm)
 template <int D, class Dtype>
 __global__ void __launch_bounds__(kThreads, GradKVTile<D>::kMinCtasPerSm)
     attention_grad_kv_kernel(const BackwardParams p) {
-  using Tile = GradKVTile<D>;
-  constexpr int kBlockN = Tile::kBlockN, kBlockM = Tile::kBlockM, kMTiles = kBlockM / 8;
+  constexpr int kBlockN = GradKVTile<D>::kBlockN, kBlockM = GradKVTile<D>::kBlockM, kMTiles = kBlockM / 8;
   Element* k_tile = reinterpret_cast<Element*>(shared_memory());
   Element* v_tile = k_tile + kBlockN * kPitch<D>;
   Element* q_tiles = v_tile + kBlockN * kPitch<D>;
@@ -151,16 +127,17 @@ __global__ void __launch_bounds__(kThreads, GradKVTile<D>::kMinCtasPerSm)
   float* delta_stages = lse_stages + 2 * kBlockM;
 
   const CtaTask task = cta_task(p.heads, static_cast<int>(ceil_div(p.nk, kBlockN)));
-  const Element* q = head_of(static_cast<const Element*>(p.q), p.q_strides, task.b, task.h);
-  const Element* k = head_of(static_cast<const Element*>(p.k), p.k_strides, task.b, task.h);
-  const Element* v = head_of(static_cast<const Element*>(p.v), p.v_strides, task.b, task.h);
-  const Element* grad_out = head_of(static_cast<const Element*>(p.grad_out), p.grad_out_strides, task.b, task.h);
+  const Element* q = head_of(p.q, p.q_strides, task.b, task.h);
+  const Element* k = head_of(p.k, p.k_strides, task.b, task.h);
+  const Element* v = head_of(p.v, p.v_strides, task.b, task.h);
+  const Element* grad_out = head_of(p.grad_out, p.grad_out_strides, task.b, task.h);
   const float* lse = p.lse + task.bh * p.nq;
   const float* delta = p.delta + task.bh * p.nq;
   const int n0 = task.block * kBlockN;
   const int warp_id = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
 
-  auto load_query_block = [&](int i, int stage) {
+  auto load_query_block = [&](int i) {
+    const int stage = i & 1;
     load_tile_async<kBlockM, D>(q_tiles + stage * kBlockM * kPitch<D>, q, p.q_strides.row, i * kBlockM, p.nq);
     load_tile_async<kBlockM, D>(grad_out_tiles + stage * kBlockM * kPitch<D>, grad_out, p.grad_out_strides.row,
                                 i * kBlockM, p.nq);
@@ -169,18 +146,13 @@ __global__ void __launch_bounds__(kThreads, GradKVTile<D>::kMinCtasPerSm)
   };
   load_tile_async<kBlockN, D>(k_tile, k, p.k_strides.row, n0, p.nk);
   load_tile_async<kBlockN, D>(v_tile, v, p.v_strides.row, n0, p.nk);
-  load_query_block(0, 0);
+  load_query_block(0);
   warp::cp_async_commit();
 
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const int m_blocks = static_cast<int>(ceil_div(p.nq, kBlockM));
   for (int i = 0; i < m_blocks; ++i) {
-    warp::cp_async_wait<0>();
-    __syncthreads();
-    if (i + 1 < m_blocks) {
-      load_query_block(i + 1, (i + 1) & 1);
-      warp::cp_async_commit();
-    }
+    await_block(i, m_blocks, load_query_block);
     const Element* q_tile = q_tiles + (i & 1) * kBlockM * kPitch<D>;
     const Element* grad_out_tile = grad_out_tiles + (i & 1) * kBlockM * kPitch<D>;
     const float* lse_block = lse_stages + (i & 1) * kBlockM;
@@ -193,34 +165,27 @@ __global__ void __launch_bounds__(kThreads, GradKVTile<D>::kMinCtasPerSm)
     for (int kk = 0; kk < D / 16; ++kk) load_a<D>(kv_frag[kk], k_tile, warp_id * kWarpRows, kk * 16, lane);
     float pt[kMTiles][4] = {};
     mma_a_regs_bt_tile<D, kMTiles, Dtype>(pt, kv_frag, q_tile, lane);
-    const int col = (lane & 3) * 2;  // + 8 nt + (i & 1): the query of accumulator element i of n-tile nt
-#pragma unroll
-    for (int nt = 0; nt < kMTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        pt[nt][e] = warp::exp2_approx(fmaf(pt[nt][e], p.scale_log2, -lse_block[nt * 8 + col + (e & 1)] * kLog2e));
-      }
-    }
+    transform_accumulators(pt, lane, [&](float score, int, int, int query) {
+      return warp::exp2_approx(fmaf(score, p.scale_log2, -lse_block[query] * kLog2e));
+    });
     mma_c_regs_b_tile<D, kMTiles, Dtype>(dv, pt, grad_out_tile, lane);
 
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) load_a<D>(kv_frag[kk], v_tile, warp_id * kWarpRows, kk * 16, lane);
     float dpt[kMTiles][4] = {};
     mma_a_regs_bt_tile<D, kMTiles, Dtype>(dpt, kv_frag, grad_out_tile, lane);
-#pragma unroll
-    for (int nt = 0; nt < kMTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pt[nt][e] *= dpt[nt][e] - delta_block[nt * 8 + col + (e & 1)];  // dS^T
-    }
+    transform_accumulators(pt, lane, [&](float prob, int nt, int i, int query) {
+      return prob * (dpt[nt][i] - delta_block[query]);  // dS^T
+    });
     mma_c_regs_b_tile<D, kMTiles, Dtype>(dk, pt, q_tile, lane);
   }
   // The warp's own K and V rows are free: only this warp read them, into fragments.
   const int row0 = n0 + warp_id * kWarpRows;
   store_rows<D, Dtype>(dk, p.scale, k_tile + warp_id * kWarpRows * kPitch<D>,
-                       head_of(static_cast<Element*>(p.grad_k), p.grad_k_strides, task.b, task.h),
+                       head_of(p.grad_k, p.grad_k_strides, task.b, task.h),
                        p.grad_k_strides.row, row0, p.nk, lane);
   store_rows<D, Dtype>(dv, 1.f, v_tile + warp_id * kWarpRows * kPitch<D>,
-                       head_of(static_cast<Element*>(p.grad_v), p.grad_v_strides, task.b, task.h),
+                       head_of(p.grad_v, p.grad_v_strides, task.b, task.h),
                        p.grad_v_strides.row, row0, p.nk, lane);
 }
 

@@ -15,22 +15,16 @@ namespace attention {
 template <int D, class Dtype>
 __global__ void __launch_bounds__(kThreads, ForwardTile<D>::kMinCtasPerSm)
     attention_forward_kernel(const ForwardParams p) {
-  using Tile = ForwardTile<D>;
-  constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN, kNTiles = kBlockN / 8;
+  constexpr int kBlockM = ForwardTile<D>::kBlockM, kBlockN = ForwardTile<D>::kBlockN, kNTiles = kBlockN / 8;
   Element* q_tile = reinterpret_cast<Element*>(shared_memory());
-  Element* k_tiles = q_tile + kBlockM * kPitch<D>;
-  Element* v_tiles = k_tiles + 2 * kBlockN * kPitch<D>;
-
   const CtaTask task = cta_task(p.heads, static_cast<int>(ceil_div(p.nq, kBlockM)));
-  const Element* q = head_of(static_cast<const Element*>(p.q), p.q_strides, task.b, task.h);
-  const Element* k = head_of(static_cast<const Element*>(p.k), p.k_strides, task.b, task.h);
-  const Element* v = head_of(static_cast<const Element*>(p.v), p.v_strides, task.b, task.h);
+  const Element* q = head_of(p.q, p.q_strides, task.b, task.h);
+  const KeyValueStages<D, kBlockN> kv(q_tile + kBlockM * kPitch<D>, p, task);
   const int m0 = task.block * kBlockM;
   const int warp_id = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
 
   load_tile_async<kBlockM, D>(q_tile, q, p.q_strides.row, m0, p.nq);
-  load_tile_async<kBlockN, D>(k_tiles, k, p.k_strides.row, 0, p.nk);
-  load_tile_async<kBlockN, D>(v_tiles, v, p.v_strides.row, 0, p.nk);
+  kv.load(0);
   warp::cp_async_commit();
 
   uint32_t q_frag[D / 16][4];
@@ -38,37 +32,22 @@ __global__ void __launch_bounds__(kThreads, ForwardTile<D>::kMinCtasPerSm)
   // Per thread, rows lane/4 and lane/4 + 8 of the warp's 16: running max (of scale_log2 * s) and partial sum
   // (this lane's columns only; the quad's lanes are summed at the end).
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  const int n_blocks = static_cast<int>(ceil_div(p.nk, kBlockN));
+  const int n_blocks = kv.blocks();
   for (int j = 0; j < n_blocks; ++j) {
-    warp::cp_async_wait<0>();
-    __syncthreads();  // block j visible to all; all done with block j - 1, whose stage is refilled next
-    if (j + 1 < n_blocks) {
-      const int stage = (j + 1) & 1;
-      load_tile_async<kBlockN, D>(k_tiles + stage * kBlockN * kPitch<D>, k, p.k_strides.row, (j + 1) * kBlockN,
-                                  p.nk);
-      load_tile_async<kBlockN, D>(v_tiles + stage * kBlockN * kPitch<D>, v, p.v_strides.row, (j + 1) * kBlockN,
-                                  p.nk);
-      warp::cp_async_commit();
-    }
+    await_block(j, n_blocks, [&](int next) { kv.load(next); });
     if (j == 0) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) load_a<D>(q_frag[kk], q_tile, warp_id * kWarpRows, kk * 16, lane);
     }
-    const Element* k_tile = k_tiles + (j & 1) * kBlockN * kPitch<D>;
-    const Element* v_tile = v_tiles + (j & 1) * kBlockN * kPitch<D>;
 
     float s[kNTiles][4] = {};
-    mma_a_regs_bt_tile<D, kNTiles, Dtype>(s, q_frag, k_tile, lane);
+    mma_a_regs_bt_tile<D, kNTiles, Dtype>(s, q_frag, kv.k_tile(j), lane);
 
     // scores in base 2; keys past nk (only in the last block) get -inf
-    const int key0 = j * kBlockN + (lane & 3) * 2;
-#pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        s[nt][i] = key0 + nt * 8 + (i & 1) < p.nk ? s[nt][i] * p.scale_log2 : -INFINITY;
-      }
-    }
+    const int key0 = j * kBlockN;
+    transform_accumulators(s, lane, [&](float score, int, int, int column) {
+      return key0 + column < p.nk ? score * p.scale_log2 : -INFINITY;
+    });
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float block_max = -INFINITY;
@@ -92,7 +71,7 @@ __global__ void __launch_bounds__(kThreads, ForwardTile<D>::kMinCtasPerSm)
         o[dt][2 * r + 1] *= rescale;
       }
     }
-    mma_c_regs_b_tile<D, kNTiles, Dtype>(o, s, v_tile, lane);
+    mma_c_regs_b_tile<D, kNTiles, Dtype>(o, s, kv.v_tile(j), lane);
   }
 
   const int row0 = m0 + warp_id * kWarpRows;
@@ -116,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, ForwardTile<D>::kMinCtasPerSm)
   }
   // The warp's own Q rows are free: their fragments were read into registers before any score was computed.
   store_rows<D, Dtype>(o, 1.f, q_tile + warp_id * kWarpRows * kPitch<D>,
-                       head_of(static_cast<Element*>(p.out), p.out_strides, task.b, task.h), p.out_strides.row,
+                       head_of(p.out, p.out_strides, task.b, task.h), p.out_strides.row,
                        row0, p.nq, lane);
 }
 

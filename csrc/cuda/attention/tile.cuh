@@ -1,7 +1,8 @@
 #pragma once
-// Device helpers the attention kernels share: operand pointers, cp.async tile loads, the ldmatrix address of each
-// operand role, the register shuffles of the online softmax, and the epilogue store. ATen-free: compiled by nvcc,
-// and as C++ by the CPU emulation (tests/cpp/attention_emulation.cpp) with the warp instructions swapped.
+// Device helpers the attention kernels share: operand pointers, cp.async tile loads and the two-stage streaming of
+// blocks, the ldmatrix address of each operand role, the per-element pass over accumulators, the register shuffles
+// of the online softmax, and the epilogue store. ATen-free: compiled by nvcc, and as C++ by the CPU emulation
+// (tests/cpp/attention_emulation.cpp) with the warp instructions swapped.
 #include <cmath>
 #include <cstdint>
 
@@ -26,9 +27,11 @@ __device__ __forceinline__ char* shared_memory() {
 using Element = uint16_t;  // fp16 or bf16 bits; the kernels' Dtype says which
 
 // The (N, D) matrix of head (b, h) of an operand.
-template <class T>
-__device__ __forceinline__ T* head_of(T* data, const Strides& s, int64_t b, int64_t h) {
-  return data + b * s.batch + h * s.head;
+__device__ __forceinline__ const Element* head_of(const void* data, const Strides& s, int64_t b, int64_t h) {
+  return static_cast<const Element*>(data) + b * s.batch + h * s.head;
+}
+__device__ __forceinline__ Element* head_of(void* data, const Strides& s, int64_t b, int64_t h) {
+  return static_cast<Element*>(data) + b * s.batch + h * s.head;
 }
 
 // Which (batch, head, block of rows) a CTA of a 1-D grid takes: the block index runs fastest.
@@ -74,6 +77,48 @@ __device__ __forceinline__ void load_vector_async(float* dst, const float* src, 
     warp::cp_async<4>(dst + i, src + (valid ? i0 + i : 0), valid ? 4 : 0);
   }
 }
+
+// One step of a loop over blocks that stream through two cp.async stages: waits for block j, and for every warp to
+// be done with block j - 1, then starts loading block j + 1 (load_block(j + 1)) into the stage block j - 1 held.
+template <class LoadBlock>
+__device__ __forceinline__ void await_block(int j, int blocks, const LoadBlock& load_block) {
+  warp::cp_async_wait<0>();
+  __syncthreads();
+  if (j + 1 < blocks) {
+    load_block(j + 1);
+    warp::cp_async_commit();
+  }
+}
+
+// The key/value blocks of one head that the forward and dQ kernels stream through two stages of shared memory,
+// k0, k1, then v0, v1 from `stages`: block j sits in stage j & 1.
+template <int D, int kBlockN>
+struct KeyValueStages {
+  Element* k_tiles;
+  Element* v_tiles;
+  const Element* k;
+  const Element* v;
+  const Problem& p;
+
+  __device__ __forceinline__ KeyValueStages(Element* stages, const Problem& problem, const CtaTask& task)
+      : k_tiles(stages),
+        v_tiles(stages + 2 * kBlockN * kPitch<D>),
+        k(head_of(problem.k, problem.k_strides, task.b, task.h)),
+        v(head_of(problem.v, problem.v_strides, task.b, task.h)),
+        p(problem) {}
+
+  __device__ __forceinline__ int blocks() const { return static_cast<int>(ceil_div(p.nk, kBlockN)); }
+
+  // Starts loading block j (cp.async, not committed).
+  __device__ __forceinline__ void load(int j) const {
+    const int stage = j & 1;
+    load_tile_async<kBlockN, D>(k_tiles + stage * kBlockN * kPitch<D>, k, p.k_strides.row, j * kBlockN, p.nk);
+    load_tile_async<kBlockN, D>(v_tiles + stage * kBlockN * kPitch<D>, v, p.v_strides.row, j * kBlockN, p.nk);
+  }
+
+  __device__ __forceinline__ const Element* k_tile(int j) const { return k_tiles + (j & 1) * kBlockN * kPitch<D>; }
+  __device__ __forceinline__ const Element* v_tile(int j) const { return v_tiles + (j & 1) * kBlockN * kPitch<D>; }
+};
 
 // ldmatrix addresses. A tile is row-major (rows of D elements at kPitch<D>); each x4 load fills either one A
 // operand or the B operands of two adjacent 8-wide n-tiles (registers 0, 1: n-tile 0; 2, 3: n-tile 1).
@@ -142,6 +187,18 @@ __device__ __forceinline__ void mma_c_regs_b_tile(float (&acc)[D / 8][4], const 
       warp::mma_m16n8k16<Dtype>(acc[2 * dp], a, b[0], b[1]);
       warp::mma_m16n8k16<Dtype>(acc[2 * dp + 1], a, b[2], b[3]);
     }
+  }
+}
+
+// acc[nt][i] = f(acc[nt][i], nt, i, column) for each of this lane's elements of a 16 x (8 kNTiles) accumulator tile:
+// element i of n-tile nt is at row lane / 4 + 8 (i / 2) and column `column` of the tile.
+template <int kNTiles, class F>
+__device__ __forceinline__ void transform_accumulators(float (&acc)[kNTiles][4], int lane, const F& f) {
+  const int col = (lane & 3) * 2;
+#pragma unroll
+  for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = f(acc[nt][i], nt, i, nt * 8 + col + (i & 1));
   }
 }
 

@@ -12,11 +12,11 @@ gradient (B, N, 3*H*D) are written in place: no permute or contiguous copy on ei
 
 Any N >= 1 (rows and columns past N are masked), any head_dim up to 256 (padded to a power of two >= 16 and
 masked). float16 and bfloat16 run the tensor-core dots with float32 accumulation; float32 inputs run the dots in
-full IEEE float32 (slow on tensor cores but exact to float32); float64 inputs go through the reference in
-vitops.ops.reference, computed in float64.
+full IEEE float32 (slow on tensor cores but exact to float32). float64 is not taken here (see `supports`): the
+op runs it on its torch backend.
 """
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -24,10 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from vitops.ops import reference
-from vitops.ops._attention_checks import check_packed, check_qkv
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 INTERPRET_BF16_FIX = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -55,12 +53,36 @@ def _cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _program(n, BLOCK: tl.constexpr):
-    """(block index along the sequence, batch*head) of this program. The grid is 1-D (no 65535 limit on B*H) and
-    a head's blocks are adjacent, so they share its K and V (or Q and dO) in the L2."""
+def _program(N, H, D, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch b, head h, their flat index bh, its block along a sequence of N (see `_block`), and the
+    head_dim offsets with their mask d < D. The grid is 1-D (no 65535 limit on B*H) and a head's blocks are
+    adjacent, so they share its K and V (or Q and dO) in the L2."""
     pid = tl.program_id(0)
-    blocks = tl.cdiv(n, BLOCK)
-    return pid % blocks, (pid // blocks).to(tl.int64)
+    blocks = tl.cdiv(N, BLOCK)
+    start = pid % blocks * BLOCK
+    bh = (pid // blocks).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    idx, ok, idx64, mask = _block(start, N, BLOCK, d_ok)
+    return b, h, bh, offs_d, d_ok, idx, ok, idx64, mask
+
+
+@triton.jit
+def _block(start, N, BLOCK: tl.constexpr, d_ok):
+    """The BLOCK sequence indices from start, those < N, the indices as an int64 column (for addressing), and the
+    mask of the in-bounds elements of their (BLOCK, BLOCK_D) rows."""
+    idx = start + tl.arange(0, BLOCK)
+    ok = idx < N
+    mask = ok[:, None] & d_ok[None, :]
+    return idx, ok, idx[:, None].to(tl.int64), mask
+
+
+@triton.jit
+def _load_rows(head, idx64, stride, offs_d, mask):
+    """The rows idx64 of one head's (N, D) matrix at `head`, whose rows are `stride` apart; 0 where masked out."""
+    return tl.load(head + idx64 * stride + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -70,42 +92,27 @@ def _fwd_kernel(
     H, NQ, NK, D, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_m, bh = _program(NQ, BLOCK_M)
-    b = bh // H
-    h = bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < NQ
-    d_ok = offs_d < D
-    q = tl.load(
-        Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqn + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
-    )
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    b, h, bh, offs_d, d_ok, rows, row_ok, r64, q_mask = _program(NQ, H, D, BLOCK_M, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh, r64, sqn, offs_d, q_mask)
+    k_head = K + b * skb + h * skh
+    v_head = V + b * svb + h * svh
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, NK, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < NK
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        _, col_ok, c64, kv_mask = _block(start, NK, BLOCK_N, d_ok)
+        k = _load_rows(k_head, c64, skn, offs_d, kv_mask)
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE) * qk_scale_log2
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = _load_rows(v_head, c64, svn, offs_d, kv_mask)
         acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(
-        O + b * sob + h * soh + rows[:, None].to(tl.int64) * son + offs_d[None, :],
-        _cast(acc, O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
-    )
+    tl.store(O + b * sob + h * soh + r64 * son + offs_d[None, :], _cast(acc, O.dtype.element_ty), mask=q_mask)
     tl.store(LSE + bh * NQ + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
@@ -116,40 +123,27 @@ def _bwd_dq_kernel(
     H, NQ, NK, D, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_m, bh = _program(NQ, BLOCK_M)
-    b = bh // H
-    h = bh % H
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < NQ
-    d_ok = offs_d < D
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    r64 = rows[:, None].to(tl.int64)
-    q = tl.load(Q + b * sqb + h * sqh + r64 * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + r64 * sdon + offs_d[None, :], mask=q_mask, other=0.0)
-    o = tl.load(O + b * sob + h * soh + r64 * son + offs_d[None, :], mask=q_mask, other=0.0)
+    b, h, bh, offs_d, d_ok, rows, row_ok, r64, q_mask = _program(NQ, H, D, BLOCK_M, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh, r64, sqn, offs_d, q_mask)
+    do = _load_rows(DO + b * sdob + h * sdoh, r64, sdon, offs_d, q_mask)
+    o = _load_rows(O + b * sob + h * soh, r64, son, offs_d, q_mask)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh * NQ + rows, delta, mask=row_ok)
     lse = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_head = K + b * skb + h * skh
+    v_head = V + b * svb + h * svh
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start in range(0, NK, BLOCK_N):
-        cols = start + offs_n
-        col_ok = cols < NK
-        kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        _, col_ok, c64, kv_mask = _block(start, NK, BLOCK_N, d_ok)
+        k = _load_rows(k_head, c64, skn, offs_d, kv_mask)
+        v = _load_rows(v_head, c64, svn, offs_d, kv_mask)
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE) * qk_scale_log2
         p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
         dq = _dot(_cast(ds, k.dtype), k, dq, IEEE)
     dq = dq * scale
-    tl.store(
-        DQ + b * sdqb + h * sdqh + r64 * sdqn + offs_d[None, :], _cast(dq, DQ.dtype.element_ty), mask=q_mask
-    )
+    tl.store(DQ + b * sdqb + h * sdqh + r64 * sdqn + offs_d[None, :], _cast(dq, DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -159,29 +153,17 @@ def _bwd_dkdv_kernel(
     H, NQ, NK, D, scale, qk_scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_n, bh = _program(NK, BLOCK_N)
-    b = bh // H
-    h = bh % H
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < NK
-    d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    c64 = cols[:, None].to(tl.int64)
-    k = tl.load(K + b * skb + h * skh + c64 * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + c64 * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdob + h * sdoh
+    b, h, bh, offs_d, d_ok, _, col_ok, c64, kv_mask = _program(NK, H, D, BLOCK_N, BLOCK_D)
+    k = _load_rows(K + b * skb + h * skh, c64, skn, offs_d, kv_mask)
+    v = _load_rows(V + b * svb + h * svh, c64, svn, offs_d, kv_mask)
+    q_head = Q + b * sqb + h * sqh
+    do_head = DO + b * sdob + h * sdoh
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for start in range(0, NQ, BLOCK_M):
-        rows = start + offs_m
-        row_ok = rows < NQ
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        r64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_base + r64 * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + r64 * sdon + offs_d[None, :], mask=q_mask, other=0.0)
+        rows, row_ok, r64, q_mask = _block(start, NQ, BLOCK_M, d_ok)
+        q = _load_rows(q_head, r64, sqn, offs_d, q_mask)
+        do = _load_rows(do_head, r64, sdon, offs_d, q_mask)
         lse = tl.load(LSE + bh * NQ + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + bh * NQ + rows, mask=row_ok, other=0.0)
         s = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE) * qk_scale_log2
@@ -195,11 +177,62 @@ def _bwd_dkdv_kernel(
     tl.store(DV + b * sdvb + h * sdvh + c64 * sdvn + offs_d[None, :], _cast(dv, DV.dtype.element_ty), mask=kv_mask)
 
 
+# --- launch configurations -------------------------------------------------------------------------------------
+
+
+class KernelConfig(NamedTuple):
+    """How one attention kernel is launched: its tile of BLOCK_M query rows by BLOCK_N key rows, its warps, and
+    the software-pipelining stages of its loop's loads."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (forward, dQ, dK/dV) per (float32, BLOCK_D): the largest tiles that compile without register spills for sm_80
+# and sm_90a, as `python -m benchmarks.static` reports them with their occupancy
+# (benchmarks/results/static-sm90.json). Not timed on a GPU yet. float32 runs its dots on CUDA cores (IEEE), whose
+# operands take many more registers.
+_CONFIGS = {
+    (False, 16): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 3)),
+    (False, 32): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 8, 3)),
+    (False, 64): (KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3), KernelConfig(64, 32, 4, 3)),
+    (False, 128): (KernelConfig(128, 64, 8, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 64, 8, 2)),
+    (False, 256): (KernelConfig(32, 16, 4, 2), KernelConfig(16, 16, 4, 2), KernelConfig(16, 32, 8, 2)),
+    (True, 16): (KernelConfig(32, 32, 4, 3), KernelConfig(32, 32, 8, 3), KernelConfig(32, 32, 8, 3)),
+    (True, 32): (KernelConfig(32, 32, 4, 3), KernelConfig(32, 32, 4, 3), KernelConfig(32, 32, 8, 3)),
+    (True, 64): (KernelConfig(32, 32, 4, 3), KernelConfig(32, 32, 4, 3), KernelConfig(32, 32, 8, 3)),
+    (True, 128): (KernelConfig(16, 16, 4, 2), KernelConfig(16, 16, 4, 2), KernelConfig(16, 16, 8, 2)),
+    (True, 256): (KernelConfig(16, 16, 4, 2), KernelConfig(16, 16, 4, 2), KernelConfig(16, 16, 8, 1)),
+}
+# Where they differ, the tiles for a head_dim that is not a multiple of 16: the strides of a packed qkv then are not
+# either, so the compiler cannot vectorize the loads, and the kernels need more registers.
+_UNALIGNED_CONFIGS = {
+    (False, 128): (KernelConfig(64, 32, 8, 2), KernelConfig(32, 16, 4, 2), KernelConfig(32, 64, 8, 2)),
+    (True, 32): (KernelConfig(32, 32, 4, 3), KernelConfig(32, 32, 4, 3), KernelConfig(16, 32, 8, 3)),
+    (True, 64): (KernelConfig(32, 32, 8, 3), KernelConfig(32, 32, 4, 3), KernelConfig(16, 16, 8, 3)),
+    (True, 128): (KernelConfig(16, 16, 4, 2), KernelConfig(16, 16, 4, 2), KernelConfig(16, 16, 8, 1)),
+}
+
+
+def launch_meta(head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
+    """The keyword arguments (constexprs and launch options) of each kernel's launch, by kernel name, for this
+    head_dim (1..256) and dtype (float16, bfloat16, float32). They do not depend on the sequence lengths: rows
+    and columns past N are masked."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    ieee = dtype == torch.float32
+    configs = _CONFIGS[(ieee, block_d)]
+    if head_dim % 16:
+        configs = _UNALIGNED_CONFIGS.get((ieee, block_d), configs)
+    return {
+        kernel: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, IEEE=ieee, num_warps=c.num_warps,
+                     num_stages=c.num_stages)
+        for kernel, c in zip(("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"), configs)
+    }  # fmt: skip
+
+
 # --- launchers: (B, H, N, D) views in, (B, H, N, D) views out --------------------------------------------------
-
-
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(n)))
 
 
 def _bhn(t: Tensor) -> tuple[int, int, int]:
@@ -210,26 +243,16 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _warps(block_d: int) -> int:
-    return 8 if block_d >= 128 else 4
-
-
 def forward_into(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float) -> None:
     """Writes attention(q, k, v) into the (B, H, Nq, D) view `out` and lse into the contiguous (B, H, Nq)."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
     if out.numel() == 0:
         return
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = _block(nq, 128 if block_d <= 64 else 64)
-    block_n = _block(nk, 64)
-    grid = (triton.cdiv(nq, block_m) * b * h,)
-    _fwd_kernel[grid](
-        q, k, v, out, lse, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out),
-        h, nq, nk, d, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
-        num_warps=_warps(block_d),
-    )  # fmt: skip
+    meta = launch_meta(d, q.dtype)["_fwd_kernel"]
+    _fwd_kernel[(triton.cdiv(nq, meta["BLOCK_M"]) * b * h,)](
+        q, k, v, out, lse, *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), h, nq, nk, d, scale * LOG2E, **meta
+    )
 
 
 def backward_into(
@@ -243,22 +266,18 @@ def backward_into(
         dq.zero_(), dk.zero_(), dv.zero_()
         return
     grad_out = _last_dim_contiguous(grad_out)
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = _block(nq, 64)
-    block_n = _block(nk, 64)
+    meta = launch_meta(d, q.dtype)
+    dq_meta, dkdv_meta = meta["_bwd_dq_kernel"], meta["_bwd_dkdv_kernel"]
     delta = torch.empty((b, h, nq), dtype=torch.float32, device=q.device)
-    ieee = q.dtype == torch.float32
-    _bwd_dq_kernel[(triton.cdiv(nq, block_m) * b * h,)](
+    _bwd_dq_kernel[(triton.cdiv(nq, dq_meta["BLOCK_M"]) * b * h,)](
         q, k, v, out, grad_out, lse, delta, dq,
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(out), *_bhn(grad_out), *_bhn(dq),
-        h, nq, nk, d, scale, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=ieee, num_warps=_warps(block_d),
+        h, nq, nk, d, scale, scale * LOG2E, **dq_meta,
     )  # fmt: skip
-    _bwd_dkdv_kernel[(triton.cdiv(nk, block_n) * b * h,)](
+    _bwd_dkdv_kernel[(triton.cdiv(nk, dkdv_meta["BLOCK_N"]) * b * h,)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *_bhn(q), *_bhn(k), *_bhn(v), *_bhn(grad_out), *_bhn(dk), *_bhn(dv),
-        h, nq, nk, d, scale, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=ieee, num_warps=_warps(block_d),
+        h, nq, nk, d, scale, scale * LOG2E, **dkdv_meta,
     )  # fmt: skip
 
 
@@ -269,43 +288,31 @@ def packed_views(packed: Tensor, num_heads: int, parts: int) -> list[Tensor]:
     return [grouped[:, :, i].transpose(1, 2) for i in range(parts)]
 
 
-# --- custom ops -------------------------------------------------------------------------------------------------
+# --- launchers: the op's signatures (vitops/ops/attention.py registers them as the "triton" backend) ---------
 
 
-@torch.library.custom_op("vitops::attention_triton", mutates_args=())
-def attention_triton(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> tuple[Tensor, Tensor]:
-    check_qkv(q, k, v, "attention_triton")
-    if q.dtype == torch.float64:
-        out, lse = reference.attention_forward(q, k, v, scale)
-        return out.contiguous(), lse.contiguous()
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]) -> tuple[Tensor, Tensor]:
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     forward_into(q, k, v, out, lse, reference.attention_scale(q.shape[-1], scale))
     return out, lse
 
 
-@torch.library.custom_op("vitops::attention_backward_triton", mutates_args=())
-def attention_backward_triton(
+def attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: Optional[float]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if q.dtype == torch.float64:
-        grads = reference.attention_backward(grad_out, q, k, v, out, lse, scale)
-        return tuple(g.contiguous() for g in grads)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     backward_into(grad_out, q, k, v, out, lse, dq, dk, dv, reference.attention_scale(q.shape[-1], scale))
     return dq, dk, dv
 
 
-@torch.library.custom_op("vitops::attention_packed_triton", mutates_args=())
-def attention_packed_triton(qkv: Tensor, num_heads: int, scale: Optional[float]) -> tuple[Tensor, Tensor]:
-    check_packed(qkv, num_heads, "attention_packed_triton")
+def attention_packed(qkv: Tensor, num_heads: int, scale: Optional[float]) -> tuple[Tensor, Tensor]:
     b, n, c3 = qkv.shape
     q, k, v = packed_views(qkv, num_heads, 3)
-    if qkv.dtype == torch.float64:
-        out, lse = reference.attention_forward(q, k, v, scale)
-        return out.transpose(1, 2).reshape(b, n, c3 // 3), lse.contiguous()
     out = torch.empty((b, n, c3 // 3), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((b, num_heads, n), dtype=torch.float32, device=qkv.device)
     (out_view,) = packed_views(out, num_heads, 1)
@@ -313,16 +320,12 @@ def attention_packed_triton(qkv: Tensor, num_heads: int, scale: Optional[float])
     return out, lse
 
 
-@torch.library.custom_op("vitops::attention_packed_backward_triton", mutates_args=())
-def attention_packed_backward_triton(
+def attention_packed_backward(
     grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, scale: Optional[float]
 ) -> Tensor:
     q, k, v = packed_views(qkv, num_heads, 3)
     (o,) = packed_views(out, num_heads, 1)
     (go,) = packed_views(grad_out, num_heads, 1)
-    if qkv.dtype == torch.float64:
-        grads = reference.attention_backward(go, q, k, v, o, lse, scale)
-        return torch.cat([g.transpose(1, 2).flatten(2) for g in grads], dim=-1)
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = packed_views(grad_qkv, num_heads, 3)
     backward_into(go, q, k, v, o, lse, dq, dk, dv, reference.attention_scale(q.shape[-1], scale))

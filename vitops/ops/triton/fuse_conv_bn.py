@@ -7,8 +7,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vitops.ops import _fuse_conv_bn_checks as checks
-
 _TILE_ELEMENTS = 4096
 
 
@@ -48,8 +46,21 @@ def _fuse_conv_bn_kernel(
         tl.store(fused_weight_ptr + offsets, (w * scale[:, None]).to(fused_weight_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("vitops::fuse_conv_bn_triton", mutates_args=())
-def fuse_conv_bn_triton(
+def launch_meta(
+    weight_dtype: torch.dtype, per_channel: int, has_bias: bool, has_gamma: bool, has_beta: bool
+) -> dict:
+    """The keyword arguments (constexprs) of a _fuse_conv_bn_kernel launch: tiles of _TILE_ELEMENTS weights,
+    BLOCK_K of a channel's `per_channel` weights by BLOCK_C channels (channels past the weight are masked), so
+    there are 13 tile shapes in all."""
+    block_k = min(triton.next_power_of_2(max(per_channel, 1)), _TILE_ELEMENTS)
+    is_fp64 = weight_dtype == torch.float64
+    return dict(
+        HAS_BIAS=has_bias, HAS_GAMMA=has_gamma, HAS_BETA=has_beta, BLOCK_C=_TILE_ELEMENTS // block_k,
+        BLOCK_K=block_k, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
+    )  # fmt: skip
+
+
+def fuse_conv_bn(
     weight: Tensor,
     bias: Optional[Tensor],
     running_mean: Tensor,
@@ -58,7 +69,6 @@ def fuse_conv_bn_triton(
     bn_bias: Optional[Tensor],
     eps: float,
 ) -> tuple[Tensor, Tensor]:
-    checks.check_fuse_conv_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
     channels = weight.shape[0]
     fused_weight = weight.new_empty(weight.shape)
     fused_bias = weight.new_empty(channels)
@@ -66,16 +76,12 @@ def fuse_conv_bn_triton(
         return fused_weight, fused_bias
     per_channel = weight.numel() // channels
     weight = weight.contiguous()
-    block_k = min(triton.next_power_of_2(max(per_channel, 1)), _TILE_ELEMENTS)
-    block_c = min(triton.next_power_of_2(channels), max(1, _TILE_ELEMENTS // block_k))
     channel_tensors = (bias, running_mean, running_var, bn_weight, bn_bias)
-    channel_tensors = [t.contiguous() if t is not None else None for t in channel_tensors]
-    bias, running_mean, running_var, bn_weight, bn_bias = channel_tensors
-    is_fp64 = weight.dtype == torch.float64
-    _fuse_conv_bn_kernel[(triton.cdiv(channels, block_c),)](
+    bias, running_mean, running_var, bn_weight, bn_bias = (t.contiguous() if t is not None else None
+                                                           for t in channel_tensors)  # fmt: skip
+    meta = launch_meta(weight.dtype, per_channel, bias is not None, bn_weight is not None, bn_bias is not None)
+    _fuse_conv_bn_kernel[(triton.cdiv(channels, meta["BLOCK_C"]),)](
         weight, bias, running_mean, running_var, bn_weight, bn_bias, fused_weight, fused_bias,
-        channels, per_channel, eps,
-        HAS_BIAS=bias is not None, HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
-        BLOCK_C=block_c, BLOCK_K=block_k, ACC=tl.float64 if is_fp64 else tl.float32, IS_FP64=is_fp64,
+        channels, per_channel, eps, **meta,
     )  # fmt: skip
     return fused_weight, fused_bias
