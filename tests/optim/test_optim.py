@@ -712,3 +712,17 @@ def test_low_precision_timm_state_loads_as_float32(name):
         assert state["exp_avg"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.float32
     _continue(opt2, clone, 9, steps=2)
     assert all(torch.isfinite(p).all() and p.dtype == torch.bfloat16 for p in clone)
+
+
+@pytest.mark.slow  # 4.3 GB of bfloat16 grad, one pass: ~10 s
+def test_grad_sum_of_squares_reaches_past_2_31_elements():
+    """The CPU kernels' element offsets are 64-bit: a grad of 2^31 + 2048 elements is summed to its last element.
+    (A whole step on such a param needs its float32 moments too, 26 GB with the param and grad: more than CI has;
+    the step kernels share this chunk plan and its 64-bit offsets.)"""
+    numel = 2**31 + 2048
+    grad = torch.zeros(numel, dtype=torch.bfloat16)
+    grad[:1024] = 1.0
+    grad[-1024:] = 2.0  # past element 2^31: dropped if an offset wrapped at 32 bits
+    with vitops.use_backend("cpu"):
+        (total,) = torch.ops.vitops.lamb_grad_sq_sums([grad]).tolist()
+    assert total == 1024 * 1.0 + 1024 * 4.0
