@@ -54,7 +54,7 @@ def test_matches_timm():
 
 
 def _built(fused: bool, make):
-    from vitops.layers.config import set_layer_config
+    from vitops.layers import set_layer_config
 
     with set_layer_config(exportable=not fused):
         return make()
