@@ -292,11 +292,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not entries and partition_group is None:
             return None
         batches = self._batches(entries)
-        per_param = [b.run("lamb_grad_sq_sums", b.lists()[1]) for b in batches]
-        groups = [e.shard_groups for b in batches for e in b.entries]
-        if any(groups):
-            per_param = [gathered(per_param)[:, None]]
-            _sharding.sum_over_shards(per_param[0], groups)
+        per_param = summed_over_shards(batches, [b.run("lamb_grad_sq_sums", b.lists()[1])[:, None] for b in batches])
         if per_param:
             device = per_param[0].device
             total = torch.stack([s.sum().to(device) for s in per_param]).sum()
